@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Plot validation loss curves from train_gpt.py run logs.
+
+Two panels: val loss against train time (minutes) and against training tokens
+(step * tokens_per_step from each log's header). One curve per log, labelled
+by file name; the target val loss is drawn as a dashed horizontal line.
+
+Usage: python records/plot.py LOG [LOG ...] -o curves.png [--target X]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from verify import parse_log, header_float  # noqa: E402
+
+
+class PlotError(Exception):
+    pass
+
+
+def load_curve(path) -> dict:
+    """Read one log and return its val curve. Raises PlotError with a one-line message."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        raise PlotError(f"{path}: no such file")
+    except OSError as e:
+        raise PlotError(f"{path}: cannot read ({e.strerror or e})")
+    parsed = parse_log(text)
+    val = parsed["val"]
+    if not val:
+        raise PlotError(f"{path}: no val lines (step:N/M val_loss:...) found")
+    header = parsed["header"]
+    tps = header.get("tokens_per_step")
+    try:
+        tokens_per_step = int(tps.split()[0]) if tps is not None else None
+    except (ValueError, IndexError):
+        raise PlotError(f"{path}: unparseable tokens_per_step header value {tps!r}")
+    if tokens_per_step is None:
+        raise PlotError(f"{path}: no 'tokens_per_step:' header line")
+
+    def finite(x):
+        return x if math.isfinite(x) else float("nan")
+
+    return {
+        "path": path,
+        "steps": [v["step"] for v in val],
+        "minutes": [v["train_time_ms"] / 60000.0 for v in val],
+        "tokens": [v["step"] * tokens_per_step for v in val],
+        "val_loss": [finite(v["loss"]) for v in val],
+        "target": header_float(header, "target_val_loss"),
+    }
+
+
+def _labels(paths) -> list[str]:
+    stems = [p.stem for p in paths]
+    out = []
+    for p, stem in zip(paths, stems):
+        if stems.count(stem) > 1:
+            out.append(f"{p.parent.name}/{p.stem}")
+        else:
+            out.append(stem)
+    return out
+
+
+def plot_curves(curves: list[dict], out_path, target: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_n) = plt.subplots(1, 2, figsize=(13, 5))
+    for curve, label in zip(curves, _labels([c["path"] for c in curves])):
+        ax_t.plot(curve["minutes"], curve["val_loss"], marker=".", label=label)
+        ax_n.plot(curve["tokens"], curve["val_loss"], marker=".", label=label)
+    if target is not None:
+        targets = [target]
+    else:
+        targets = sorted({c["target"] for c in curves if c["target"] is not None})
+    for ax in (ax_t, ax_n):
+        for t in targets:
+            ax.axhline(t, linestyle="--", color="gray", linewidth=1, label=f"target {t:g}")
+        ax.set_ylabel("val loss")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    ax_t.set_xlabel("train time (minutes)")
+    ax_t.set_title("val loss vs train time")
+    ax_n.set_xlabel("training tokens")
+    ax_n.set_title("val loss vs tokens")
+    fig.tight_layout()
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description="Plot val loss against train time and against tokens for one or more run logs.")
+    ap.add_argument("logs", nargs="+", metavar="LOG", help="run log(s), e.g. logs/<run_id>.txt")
+    ap.add_argument("-o", "--output", default="curves.png", help="output PNG path (default: curves.png)")
+    ap.add_argument("--target", type=float, default=None,
+                    help="target val loss line (default: target_val_loss from the log headers)")
+    args = ap.parse_args(argv)
+    try:
+        curves = [load_curve(p) for p in args.logs]
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    plot_curves(curves, args.output, target=args.target)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

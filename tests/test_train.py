@@ -1,0 +1,224 @@
+"""The trainer's data, model, loop and logging, on tiny CPU runs."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from conftest import ROOT, make_char_data, read_metrics, run_log_text, tiny_args
+
+
+# --- shards and the loader
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.array([0, 1, 2, 65535, 7, 42], dtype=np.int64)
+    path = str(tmp_path / "s.bin")
+    train_gpt.write_shard(path, tokens)
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    assert list(header[:3]) == [20240520, 1, len(tokens)]
+    assert os.path.getsize(path) == 1024 + 2 * len(tokens)
+    np.testing.assert_array_equal(np.asarray(train_gpt.read_shard(path)), tokens)
+
+
+def _bad_header(path, magic=20240520, version=1, count=10, n_written=10):
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = magic, version, count
+    with open(path, "wb") as f:
+        f.write(header.tobytes() + np.arange(n_written, dtype=np.uint16).tobytes())
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("magic", "wrong magic number"), ("version", "unsupported shard version"),
+    ("short", "header claims 10 tokens but the file holds 4"), ("tiny", "shorter than the 1024-byte shard header")])
+def test_bad_shards_are_refused(tmp_path, kind, expected):
+    path = str(tmp_path / "bad.bin")
+    if kind == "tiny":
+        open(path, "wb").write(b"\0" * 10)
+    else:
+        _bad_header(path, magic=1 if kind == "magic" else 20240520, version=2 if kind == "version" else 1,
+                    n_written=4 if kind == "short" else 10)
+    with pytest.raises(train_gpt.UsageError, match=expected) as err:
+        train_gpt.read_shard(path)
+    assert path in str(err.value) and "\n" not in str(err.value)
+
+
+def test_loader_ranks_are_disjoint_and_cover_the_global_batch(tmp_path):
+    tokens = np.arange(5000) % 60000
+    train_gpt.write_shard(str(tmp_path / "train_000000.bin"), tokens)
+    pattern = str(tmp_path / "train_*.bin")
+    B, T, K, W = 3, 8, 3, 2
+    single = train_gpt.DistributedDataLoader(pattern, B * W, T, 0, 1, max_offset=K)
+    ranks = [train_gpt.DistributedDataLoader(pattern, B, T, r, W, max_offset=K) for r in range(W)]
+    for _ in range(4):
+        x_all, y_all = single.next_batch()
+        parts = [loader.next_batch() for loader in ranks]
+        xs = torch.cat([x for x, _ in parts])
+        torch.testing.assert_close(xs, x_all)  # the ranks' slices make up the global batch, in rank order
+        seen = [set(x.flatten().tolist()) for x, _ in parts]
+        assert not seen[0] & seen[1]  # and never overlap (token ids here are distinct positions)
+        for x, y in parts:
+            assert y.shape == (K, B, T)
+            for k in range(1, K + 1):  # offset-k targets are the inputs shifted by k
+                torch.testing.assert_close(y[k - 1], x + k)
+
+
+def test_loader_moves_to_next_shard_and_wraps(tmp_path):
+    for i in range(2):
+        train_gpt.write_shard(str(tmp_path / f"train_{i:06d}.bin"), np.full(100, i + 1))
+    loader = train_gpt.DistributedDataLoader(str(tmp_path / "train_*.bin"), 2, 16, 0, 1)
+    firsts = [int(loader.next_batch()[0][0, 0]) for _ in range(9)]
+    assert firsts[:3] == [1, 1, 1] and firsts[3:6] == [2, 2, 2] and firsts[6:] == [1, 1, 1]
+
+
+def test_val_set_is_the_same_for_any_world_size(char_data):
+    meta = train_gpt.load_meta(os.path.join(char_data, "train_*.bin"))
+    val = train_gpt.ValidationSet(os.path.join(char_data, "val_*.bin"), 3, 16, 10_000, meta["vocab_size"])
+    one = torch.cat([x.flatten() for x, _, n in val.batches(0, 1, 1)])
+    two = [torch.cat([x.flatten() for x, _, n in val.batches(r, 2, 1)]) for r in range(2)]
+    assert sum(n for *_, n in val.batches(0, 1, 1)) == val.n_tokens
+    assert sorted(one.tolist()) == sorted(two[0].tolist() + two[1].tolist())
+
+
+# --- the model
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    for pos_emb in ("rope", "learned"):
+        cfg = train_gpt.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                                  pos_emb=pos_emb, mtp_steps=2)
+        model = train_gpt.GPT(cfg)
+        for p in model.parameters():  # zero-initialised projections would hide a leak
+            torch.nn.init.normal_(p, std=0.1)
+        idx = torch.randint(0, 64, (2, 16))
+        changed = idx.clone()
+        changed[:, 10:] = (changed[:, 10:] + 1) % 64
+        a, b = model(idx), model(changed)
+        torch.testing.assert_close(a[:, :10], b[:, :10])
+        assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_vocab_is_padded_to_a_multiple_of_64():
+    assert train_gpt.padded_vocab(65) == 128 and train_gpt.padded_vocab(50257) == 50304
+    assert train_gpt.padded_vocab(64) == 64
+
+
+# --- configuration
+
+def test_nanogpt_cpu_command_line_parses():
+    argv = ("--device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 "
+            "--n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0").split()
+    cfg, _ = train_gpt.parse_config(argv)
+    assert cfg.compile is False and cfg.eval_iters == 20 and cfg.lr_decay_iters == 2000 and cfg.block_size == 64
+    cfg, _ = train_gpt.parse_config(["--preset", "gpt2_124m", "--gradient_accumulation_steps", "16"])
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.grad_accum_steps) == (12, 768, 1024, 16)
+    assert cfg.batch_size * cfg.block_size * 8 == 524_288  # the preset's own accumulation gives 0.5M tokens
+
+
+@pytest.mark.parametrize("argv, world_size, message", [
+    (["--n_embd", "130", "--n_head", "4"], 1, "--n_embd 130 is not divisible by --n_head 4"),
+    (["--grad_accum_steps", "3"], 2, "--grad_accum_steps 3 is not divisible by the 2 processes"),
+    (["--n_kv_head", "3"], 1, "--n_kv_head 3 must divide n_head 4"),
+    (["--learning_rate", "-1"], 1, "--learning_rate must be positive"),
+])
+def test_impossible_combinations_fail_with_one_line(argv, world_size, message):
+    cfg, _ = train_gpt.parse_config(argv)
+    with pytest.raises(train_gpt.UsageError, match=message):
+        train_gpt.validate_config(cfg, world_size=world_size)
+
+
+def _run_cli(args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300, env=env)
+
+
+def test_cli_errors_exit_2_with_one_line_and_no_log(tmp_path, char_data):
+    logs = tmp_path / "logs"
+    cases = [
+        (["--bogus_flag=1"], "unknown flag --bogus_flag"),
+        (["--preset", "nope"], "--preset: invalid choice"),
+        (tiny_args(char_data, str(logs), input_bin=str(tmp_path / "none_*.bin")), "no training shards match"),
+        (tiny_args(char_data, str(logs), n_embd=33), "not divisible by --n_head"),
+    ]
+    for args, message in cases:
+        result = _run_cli(args)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not logs.exists()
+
+
+def test_bad_data_is_refused_before_training(tmp_path):
+    data = str(tmp_path / "d")
+    make_char_data(data)
+    args = tiny_args(data, str(tmp_path / "logs"))
+    cfg, _ = train_gpt.parse_config(args)
+    with open(os.path.join(data, "meta.json"), "w") as f:  # a vocabulary too small for the shard's ids
+        json.dump({"tokenizer": "char", "chars": "abc"}, f)
+    with pytest.raises(train_gpt.UsageError, match="token id .* >= vocab_size 3"):
+        train_gpt.Trainer(cfg)
+    with open(os.path.join(data, "meta.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(train_gpt.UsageError, match="meta.json is not valid JSON"):
+        train_gpt.Trainer(cfg)
+    os.remove(os.path.join(data, "meta.json"))
+    with pytest.raises(train_gpt.UsageError, match="meta.json is missing"):
+        train_gpt.Trainer(cfg)
+    make_char_data(data, text="abcdefgh" * 100, val_fraction=0.05)  # 40 val tokens < one 4x16 batch
+    with pytest.raises(train_gpt.UsageError, match="fewer than one batch needs"):
+        train_gpt.Trainer(train_gpt.parse_config(args)[0])
+
+
+# --- training runs
+
+def test_tiny_run_lowers_loss_writes_log_and_samples(tmp_path, char_data, capsys):
+    logs = str(tmp_path / "logs")
+    result = train_gpt.main(tiny_args(char_data, logs, max_iters=40, eval_interval=20, learning_rate=3e-3))
+    rows = read_metrics(logs)
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert val[-1] < val[0] - 0.5, val
+    assert result["reached"] is None
+    text = run_log_text(logs)
+    source, rest = text.split("\n" + "=" * 100 + "\n", 1)
+    assert source + "\n" == open(os.path.join(ROOT, "train_gpt.py")).read()
+    assert rest.splitlines()[0] == "code_sha256:" + hashlib.sha256((source + "\n").encode()).hexdigest()
+    assert "\nn_layer: 2\n" in rest and "\ntokens_per_step: 64\n" in rest
+    assert "step:40/40 val_loss:" in rest and "step:1/40 train_loss:" in rest
+    assert rest.rstrip().splitlines()[-1].startswith("target val_loss 0.0000 not reached: best val_loss")
+    model_pt = os.path.join(logs, os.path.splitext([f for f in os.listdir(logs) if f.endswith(".txt")][0])[0],
+                            "model.pt")
+    capsys.readouterr()
+    train_gpt.main(["--sample", model_pt, "--prompt", "the ", "--max_new_tokens", "30", "--top_k", "5"])
+    out = capsys.readouterr().out
+    assert out.startswith("the ") and len(out.splitlines()[0]) >= 20
+
+
+def test_run_stops_when_target_is_reached(tmp_path, char_data):
+    logs = str(tmp_path / "logs")
+    result = train_gpt.main(tiny_args(char_data, logs, max_iters=300, eval_interval=10, learning_rate=3e-3,
+                                      target_val_loss=2.2))
+    assert result["reached"] is not None and result["reached"] < 300
+    last = run_log_text(logs).rstrip().splitlines()[-1]
+    assert last.startswith(f"target val_loss 2.2000 reached at step:{result['reached']} train_time:")
+
+
+def test_two_process_torchrun_matches_one_process(tmp_path, char_data):
+    """2 Gloo processes with one micro-batch each == 1 process accumulating two micro-batches."""
+    common = dict(max_iters=8, eval_interval=4, grad_accum_steps=2, dropout=0.0, timing_warmup_steps=0)
+    one = str(tmp_path / "one")
+    train_gpt.main(tiny_args(char_data, one, **common))
+    two = str(tmp_path / "two")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train_gpt.py"), *tiny_args(char_data, two, **common)],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = read_metrics(one), read_metrics(two)
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for ra, rb in zip(a, b):
+        key = "val_loss" if "val_loss" in ra else "train_loss"
+        assert abs(ra[key] - rb[key]) < 1e-5, (ra, rb)
