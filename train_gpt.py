@@ -1163,8 +1163,11 @@ def main(argv=None):
         log(f"{key}: {value}", console=False)
     for key, value in trainer.derived().items():
         log(f"{key}: {value}")
-    trainer.setup()
+    if cfg.embd_scale != 1.0:
+        before = dataclasses.replace(trainer.gcfg, n_embd=cfg.n_embd)
+        log(f"model before embd_scale {cfg.embd_scale}: {describe_model(before)}")
     log(f"model: {describe_model(trainer.gcfg)}")
+    trainer.setup()
     result = trainer.run()
     if rank == 0:
         path = os.path.join(cfg.log_dir, cfg.run_id, "model.pt")

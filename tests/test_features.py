@@ -1,0 +1,192 @@
+"""Grouped-query attention, multi-token prediction, mixed precision and torch.compile."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt
+from conftest import read_metrics, tiny_args
+
+
+def small_config(**overrides):
+    base = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=4, n_embd=32, pos_emb="rope",
+                qk_norm=False, bias=False)
+    base.update(overrides)
+    return train_gpt.GPTConfig(**base)
+
+
+# --- grouped-query attention
+
+def test_attention_with_all_kv_heads_is_multi_head_attention():
+    torch.manual_seed(0)
+    cfg = small_config(n_kv_head=4)
+    attn = train_gpt.CausalSelfAttention(cfg)
+    mha = torch.nn.MultiheadAttention(32, 4, bias=False, batch_first=True)
+    with torch.no_grad():  # kv_proj holds all key weights, then all value weights
+        mha.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.kv_proj.weight]))
+        mha.out_proj.weight.copy_(attn.c_proj.weight)
+    x = torch.randn(3, 10, 32)
+    mask = torch.triu(torch.ones(10, 10, dtype=torch.bool), diagonal=1)
+    expected, _ = mha(x, x, x, attn_mask=mask, need_weights=False)
+    torch.testing.assert_close(attn(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_gqa_shares_kv_heads_the_same_with_or_without_enable_gqa(monkeypatch):
+    torch.manual_seed(0)
+    attn = train_gpt.CausalSelfAttention(small_config(n_kv_head=2))
+    assert attn.kv_proj.weight.shape == (2 * 2 * 8, 32) and attn.q_proj.weight.shape == (32, 32)
+    x = torch.randn(2, 10, 32)
+    native = attn(x)
+    monkeypatch.setattr(train_gpt, "SDPA_HAS_GQA", False)
+    torch.testing.assert_close(attn(x), native, atol=1e-6, rtol=1e-5)
+    # Query heads 0 and 1 share key/value head 0: copying heads by hand must give the same output.
+    q = attn.q_proj(x).view(2, 10, 4, 8).transpose(1, 2)
+    k, v = attn.kv_proj(x).view(2, 10, 2, 2, 8).unbind(2)
+    k, v = (t.transpose(1, 2).repeat_interleave(2, dim=1) for t in (k, v))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 10, 32)
+    torch.testing.assert_close(attn.c_proj(y), native, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("argv, n_kv_head", [
+    ([], 4), (["--n_kv_head", "2"], 2), (["--n_headgroup", "4"], 1),
+    (["--gqa_enabled", "--kv_head_ratio", "0.5"], 2), (["--gqa_enabled", "--kv_head_ratio", "0.1"], 1),
+    (["--n_head", "12", "--n_embd", "96", "--gqa_enabled", "--kv_head_ratio", "0.3"], 3),
+    (["--n_head", "12", "--n_embd", "96", "--gqa_enabled", "--kv_head_ratio", "0.45"], 4),
+])
+def test_kv_head_flags(argv, n_kv_head):
+    cfg, _ = train_gpt.parse_config(argv)
+    assert train_gpt.validate_config(cfg, 1) == n_kv_head
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_kv_head", "2", "--n_headgroup", "4"], "disagree"),
+    (["--kv_head_ratio", "0.5"], "only with --gqa_enabled"),
+    (["--gqa_enabled"], "needs --kv_head_ratio"),
+    (["--embd_scale", "1.5"], "needs fewer key/value heads"),
+])
+def test_impossible_gqa_flags(argv, message):
+    cfg, _ = train_gpt.parse_config(argv)
+    with pytest.raises(train_gpt.UsageError, match=message):
+        train_gpt.validate_config(cfg, 1)
+
+
+def test_embd_scale_widens_with_head_dim_a_multiple_of_8():
+    cfg, _ = train_gpt.parse_config(["--n_kv_head", "1", "--embd_scale", "1.5"])
+    gcfg = train_gpt.gpt_config(cfg, train_gpt.validate_config(cfg, 1), 65)
+    assert gcfg.n_embd == 192 and gcfg.n_embd % gcfg.n_head == 0 and (gcfg.n_embd // gcfg.n_head) % 8 == 0
+    for width, heads, factor in [(128, 4, 1.1), (768, 12, 1.25), (100, 5, 2.0)]:
+        new = train_gpt.scaled_width(width, heads, factor)
+        assert new % heads == 0 and (new // heads) % 8 == 0 and abs(new - width * factor) <= heads * 4
+
+
+# --- multi-token prediction
+
+def test_mtp_heads_score_their_own_predictions():
+    torch.manual_seed(0)
+    model = train_gpt.GPT(small_config(mtp_steps=3))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randint(0, 64, (2, 16))
+    y = torch.randint(0, 64, (3, 2, 16))
+    model.mtp_weight.fill_(0.25)
+    loss, main, aux = model(x, y)
+    h = model.hidden(x)
+    for k in (1, 2):  # offset k+1 is scored with its own module's logits, not the next-token logits
+        own = F.cross_entropy(model.logits(model.mtp_heads[k - 1](h)).view(-1, 64), y[k].reshape(-1))
+        reused = F.cross_entropy(model.logits(h).view(-1, 64), y[k].reshape(-1))
+        torch.testing.assert_close(aux[k - 1], own)
+        assert not torch.allclose(aux[k - 1], reused)
+    torch.testing.assert_close(main, F.cross_entropy(model.logits(h).view(-1, 64), y[0].reshape(-1)))
+    torch.testing.assert_close(loss, main + 0.25 * aux.mean())
+
+
+def test_mtp_weight_ramps_linearly():
+    cfg, _ = train_gpt.parse_config(["--mtp_enabled", "--mtp_weight", "0.2", "--mtp_rampup_steps", "10"])
+    assert [train_gpt.mtp_weight_at(s, cfg) for s in (0, 5, 10, 50)] == [0.0, 0.1, 0.2, 0.2]
+    cfg.mtp_enabled = False
+    assert train_gpt.mtp_weight_at(5, cfg) == 0.0
+
+
+def test_mtp_ramp_never_recompiles():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = train_gpt.GPT(small_config(mtp_steps=3))
+    compiled = torch.compile(model, backend="aot_eager")
+    cfg, _ = train_gpt.parse_config(["--mtp_enabled", "--mtp_max_steps", "3", "--mtp_rampup_steps", "4"])
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (3, 2, 16))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(6):
+            w = train_gpt.mtp_weight_at(step, cfg)
+            model.mtp_weight.fill_(w)
+            loss, main, aux = compiled(x, y)
+            loss.backward()
+            torch.testing.assert_close(loss, main + w * aux.mean())
+    assert train_gpt.mtp_weight_at(5, cfg) == 0.1
+
+
+def test_mtp_run_logs_aux_losses_and_val_loss_is_next_token_only(tmp_path, char_data):
+    logs = str(tmp_path / "logs")
+    train_gpt.main(tiny_args(char_data, logs, mtp_enabled=True, mtp_max_steps=3, mtp_rampup_steps=4, max_iters=10))
+    rows = read_metrics(logs)
+    val = [r for r in rows if "val_loss" in r]
+    assert len(val[-1]["val_aux"]) == 2 and val[-1]["val_aux"][0] != val[-1]["val_loss"]
+    assert [r["mtp_weight"] for r in rows if "train_loss" in r][:5] == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
+    # the same model without the MTP modules scores the same val loss: val_loss is the next-token loss alone
+    trainer = train_gpt.Trainer(train_gpt.parse_config(tiny_args(char_data, logs))[0])
+    trainer.setup()
+    model_pt = [p for p in (tmp_path / "logs").rglob("model.pt")][0]
+    state = torch.load(model_pt, weights_only=True)["model"]
+    trainer.raw_model.load_state_dict({k: v for k, v in state.items() if not k.startswith("mtp_heads")})
+    assert abs(trainer.evaluate()[0] - val[-1]["val_loss"]) < 1e-6
+
+
+# --- precision
+
+def test_grad_scaler_skips_overflowing_step():
+    torch.manual_seed(0)
+    model = train_gpt.GPT(small_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    before = copy.deepcopy(model.state_dict())
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (1, 2, 16))
+    loss = model(x, y)[0] * 1e36  # scaled by 2^16 this overflows float32
+    scaler.scale(loss).backward()
+    applied, norm = train_gpt.optimizer_step([opt], scaler, list(model.parameters()), 1.0)
+    assert not applied and not torch.isfinite(norm)
+    assert scaler.get_scale() == 2.0 ** 15  # the scale backs off
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    assert not opt.state  # no moment was updated either
+    # a normal loss then steps
+    loss = model(x, y)[0]
+    scaler.scale(loss).backward()
+    applied, _ = train_gpt.optimizer_step([opt], scaler, list(model.parameters()), 1.0)
+    assert applied and any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_keep_fp32_weights(tmp_path, char_data, precision):
+    logs = str(tmp_path / "logs")
+    train_gpt.main(tiny_args(char_data, logs, precision=precision, max_iters=6, eval_interval=3))
+    rows = read_metrics(logs)
+    assert all(r.get("val_loss", 0) == r.get("val_loss", 0) for r in rows)  # no NaN
+    state = torch.load(next((tmp_path / "logs").rglob("model.pt")), weights_only=True)["model"]
+    assert all(v.dtype == torch.float32 for v in state.values())
+    if precision == "fp16":
+        assert all(r["grad_scale"] > 0 for r in rows if "train_loss" in r)
+
+
+# --- torch.compile
+
+def test_compiled_model_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = train_gpt.GPT(small_config(n_kv_head=2, mtp_steps=2))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 2, 16))
+    model.mtp_weight.fill_(0.1)
+    eager = model(x, y)[0]
+    compiled = torch.compile(model)(x, y)[0]
+    assert abs(eager.item() - compiled.item()) < 1e-4
