@@ -40,6 +40,10 @@ class UsageError(Exception):
     """Bad flags or bad input data: reported as one line and exit code 2, before anything heavy starts."""
 
 
+class TrainingError(Exception):
+    """A run that cannot go on (too many non-finite steps): one line, exit code 3, a checkpoint to resume from."""
+
+
 # -----------------------------------------------------------------------------
 # Configuration
 
@@ -106,6 +110,15 @@ class Hyperparameters:
     run_id: str = ""  # log name ("" : date, time and a random suffix)
     log_dir: str = "logs"
     preset: str = ""
+    dist_timeout: int = 300  # seconds a collective waits for the other processes before the job fails
+    # checkpoints and failures
+    save_every: int = 0  # write logs/<run_id>/checkpoint_<step>.pt every N steps and at the end (0: never)
+    resume: str = ""  # a checkpoint path, or "auto": the latest checkpoint of --run_id (or of the newest run)
+    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
+    # Weights & Biases (rank 0 only; WANDB_MODE=offline works without an account)
+    wandb: bool = False
+    wandb_project: str = "gpt-speedrun"
+    wandb_run_name: str = ""  # "" : the run_id
 
 
 PRESETS = {
@@ -136,7 +149,7 @@ RECIPES = {
         schedule="cosine", warmup_iters=100, warmdown_iters=0, min_lr_ratio=0.1),
     "speedrun": dict(
         pos_emb="rope", norm="rms", mlp="relu2", bias=False, qk_norm=True, tie_embeddings=False,
-        logit_softcap=15.0, zero_init=True, optimizer="adamw", learning_rate=1e-3, beta2=0.95, weight_decay=0.0,
+        logit_softcap=15.0, zero_init=True, optimizer="muon", learning_rate=1e-3, beta2=0.95, weight_decay=0.0,
         schedule="wsd", warmup_iters=0, warmdown_iters=600, min_lr_ratio=0.0),
 }
 
@@ -288,8 +301,9 @@ def validate_config(cfg, world_size):
     if cfg.embd_scale != 1.0 and n_kv_head == cfg.n_head:
         raise UsageError("--embd_scale reinvests the parameters GQA saves: it needs fewer key/value heads than "
                          "query heads (--n_kv_head, --n_headgroup or --gqa_enabled --kv_head_ratio)")
-    if cfg.timing_warmup_steps < 0:
-        raise UsageError("--timing_warmup_steps must be >= 0")
+    if cfg.timing_warmup_steps < 0 or cfg.save_every < 0 or cfg.max_bad_steps < 1 or cfg.dist_timeout <= 0:
+        raise UsageError("--timing_warmup_steps and --save_every must be >= 0, --max_bad_steps and "
+                         "--dist_timeout >= 1")
     return n_kv_head
 
 
@@ -721,6 +735,363 @@ def peak_flops(device):
 # -----------------------------------------------------------------------------
 # Optimizers
 
+def _optim_state_dtype(p):
+    # Moments live in at least fp32: bf16/fp16 state loses small updates; fp64 params keep fp64 state.
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+def _check_hparam(ok, message):
+    if not ok:
+        raise ValueError(message)
+
+
+def optimizer_state_bytes(optimizers) -> int:
+    """Total bytes held by tensors in the state of one optimizer or an iterable of optimizers.
+
+    Muon under data parallelism keeps momentum only for the matrices a rank owns, so there this is the per-rank size.
+    """
+    if isinstance(optimizers, torch.optim.Optimizer):
+        optimizers = [optimizers]
+    total = 0
+    for opt in optimizers:
+        for state in opt.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    total += value.numel() * value.element_size()
+    return total
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon: momentum orthogonalised by a Newton-Schulz iteration, for 2-D hidden weight matrices only.
+
+    Per matrix W with gradient G (gradients already averaged across ranks, e.g. by DDP):
+        B <- momentum * B + (1 - momentum) * G
+        M <- (1 - momentum) * G + momentum * B  if nesterov else B
+        O <- NS(M): X = M / max(||M||_F, eps) (transposed so rows <= cols), then ns_steps times
+                    A = X X^T;  X <- a X + (b A + c A A) X
+        W <- W * (1 - lr * weight_decay) - lr * s * O
+    with s = sqrt(max(1, rows / cols)) for adjust_lr_fn "original" (or None) and s = 0.2 * sqrt(max(rows, cols))
+    for "match_rms_adamw". These are the conventions of torch.optim.Muon, which this class reproduces when given
+    ns_dtype=torch.bfloat16 (torch always runs Newton-Schulz in bfloat16).
+
+    ns_dtype=None runs Newton-Schulz in bfloat16 on CUDA and float32 elsewhere. Embeddings, the output head and
+    1-D parameters belong in a separate Adam-type optimizer.
+
+    With torch.distributed initialised and world_size > 1, matrices are sorted by size (stably, so every rank gets
+    the same order) and dealt round-robin to ranks; each rank keeps momentum for and orthogonalises only its own
+    matrices, then the updated weights are all-gathered. Every rank must hold the same parameters and gradients.
+
+    References: K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024),
+    https://kellerjordan.github.io/posts/muon/ ; J. Liu et al., "Muon is Scalable for LLM Training" (2025),
+    arXiv:2502.16982 ; torch.optim.Muon.
+    """
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5,
+                 ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, adjust_lr_fn="original", ns_dtype=None):
+        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
+                    "ns_steps": ns_steps, "ns_coefficients": tuple(ns_coefficients), "eps": eps,
+                    "adjust_lr_fn": adjust_lr_fn, "ns_dtype": ns_dtype}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hparam(group["lr"] > 0, f"Muon: lr must be positive, got {group['lr']}")
+        _check_hparam(0 <= group["momentum"] < 1, f"Muon: momentum must be in [0, 1), got {group['momentum']}")
+        _check_hparam(group["weight_decay"] >= 0, f"Muon: weight_decay must be >= 0, got {group['weight_decay']}")
+        _check_hparam(isinstance(group["ns_steps"], int) and group["ns_steps"] >= 1,
+                      f"Muon: ns_steps must be a positive int, got {group['ns_steps']}")
+        _check_hparam(len(group["ns_coefficients"]) == 3,
+                      f"Muon: ns_coefficients needs 3 values, got {group['ns_coefficients']}")
+        _check_hparam(group["eps"] > 0, f"Muon: eps must be positive, got {group['eps']}")
+        _check_hparam(group["adjust_lr_fn"] in (None, "original", "match_rms_adamw"),
+                      f"Muon: adjust_lr_fn must be 'original', 'match_rms_adamw' or None, "
+                      f"got {group['adjust_lr_fn']!r}")
+        for p in group["params"]:
+            _check_hparam(p.ndim == 2, f"Muon: only 2-D parameters are supported, got shape {tuple(p.shape)}; "
+                                       "put embeddings, the head and 1-D parameters in an Adam-type optimizer")
+
+    @staticmethod
+    def newton_schulz(G, coefficients=(3.4445, -4.7750, 2.0315), steps=5, eps=1e-7, dtype=torch.float32):
+        """Approximate the orthogonal factor U V^T of G = U S V^T with the quintic Newton-Schulz iteration.
+
+        The Frobenius normalisation puts every singular value in [0, 1]; working on the wide orientation keeps the
+        Gram matrix X X^T as small as possible. The result is returned in `dtype`.
+        """
+        a, b, c = coefficients
+        X = G.to(dtype)
+        tall = X.size(0) > X.size(1)
+        if tall:
+            X = X.mT
+        X = X / X.norm().clamp(min=eps)
+        for _ in range(steps):
+            A = X @ X.mT
+            B = torch.addmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+            X = torch.addmm(X, B, X, beta=a)  # a*X + B@X
+        return X.mT if tall else X
+
+    @staticmethod
+    def _lr_scale(shape, adjust_lr_fn):
+        rows, cols = shape
+        if adjust_lr_fn == "match_rms_adamw":
+            return 0.2 * math.sqrt(max(rows, cols))
+        return math.sqrt(max(1.0, rows / cols))
+
+    def _update(self, p, group):
+        state = self.state[p]
+        dtype = _optim_state_dtype(p)
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
+        buf = state["momentum_buffer"]
+        grad = p.grad.to(dtype)
+        mu = group["momentum"]
+        buf.lerp_(grad, 1 - mu)
+        m = grad.lerp(buf, mu) if group["nesterov"] else buf
+        ns_dtype = group["ns_dtype"] or (torch.bfloat16 if p.is_cuda else torch.float32)
+        o = self.newton_schulz(m, group["ns_coefficients"], group["ns_steps"], group["eps"], ns_dtype)
+        lr = group["lr"]
+        w = p if p.dtype == dtype else p.to(dtype)
+        w.mul_(1 - lr * group["weight_decay"])
+        w.add_(o.to(dtype), alpha=-lr * self._lr_scale(p.shape, group["adjust_lr_fn"]))
+        if w is not p:
+            p.copy_(w)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not work:
+            return loss
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        # Largest first, dealt round-robin, balances the Newton-Schulz cost; sorted() is stable so ties keep the
+        # parameter order, which makes the assignment identical on every rank.
+        order = sorted(range(len(work)), key=lambda i: -work[i][0].numel())
+        owned = [[work[i][0] for i in order[r::world]] for r in range(world)]
+        for i in order[rank::world]:
+            self._update(*work[i])
+        if distributed:
+            self._all_gather_weights(owned, rank, world)
+        return loss
+
+    @staticmethod
+    def _all_gather_weights(owned, rank, world):
+        # all_gather needs equal-sized tensors of one dtype: one padded flat buffer per rank for each dtype.
+        dtypes = dict.fromkeys(p.dtype for ps in owned for p in ps)
+        for dtype in dtypes:
+            per_rank = [[p for p in ps if p.dtype == dtype] for ps in owned]
+            size = max(sum(p.numel() for p in ps) for ps in per_rank)
+            device = next(p.device for ps in per_rank for p in ps)
+            mine = per_rank[rank]
+            send = torch.zeros(size, dtype=dtype, device=device)
+            if mine:
+                flat = torch.cat([p.reshape(-1) for p in mine])
+                send[:flat.numel()].copy_(flat)
+            recv = [torch.empty_like(send) for _ in range(world)]
+            dist.all_gather(recv, send)
+            for r, ps in enumerate(per_rank):
+                if r == rank:
+                    continue
+                offset = 0
+                for p in ps:
+                    p.copy_(recv[r][offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+
+
+class AdamSN(torch.optim.Optimizer):
+    """Adam with subset-norm step sizes for hidden matrices and plain Adam for everything else.
+
+    For a parameter in a group with subset_norm=True (it must be 2-D, shape m x n), the second moment is kept per
+    row if m >= n and per column otherwise, i.e. over the larger dimension, fed by the sum of squared gradients
+    over the smaller one:
+        v <- beta2 * v + (1 - beta2) * sum_j g_ij^2      (shape m x 1 when m >= n, else 1 x n over i)
+    so the state holds max(m, n) values instead of m * n. Groups with subset_norm=False (the default) use
+    v <- beta2 * v + (1 - beta2) * g^2. Both then take the Adam step with decoupled weight decay:
+        p <- p * (1 - lr * weight_decay)
+        m <- beta1 * m + (1 - beta1) * g
+        p <- p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+    with v broadcast over the reduced dimension. For subset_norm=False groups this is exactly torch.optim.AdamW.
+    beta1 = 0 drops the first moment (RMSProp-style), saving its memory. State is fp32 (fp64 for fp64 params).
+
+    Param groups are expected like
+        [{"params": hidden_mats, "subset_norm": True, "lr": sn_lr}, {"params": others, "lr": adam_lr}].
+    The reference suggests a subset-norm lr about 10x the coordinate-wise Adam lr.
+
+    Differences from the reference code: eps is added to the bias-corrected sqrt(v), as in Kingma & Ba and
+    torch.optim.AdamW, and weight decay is applied before the step, as in AdamW.
+
+    References: T. Nguyen and H. Nguyen, "Subset-Norm and Subspace-Momentum: Faster Memory-Efficient Adaptive
+    Optimization with Convergence Guarantees" (ICML 2025), code github.com/timmytonga/sn-sm ;
+    D. Kingma and J. Ba, "Adam" (2015) ; I. Loshchilov and F. Hutter, "Decoupled Weight Decay Regularization" (2019).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, subset_norm=False):
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "subset_norm": subset_norm}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        beta1, beta2 = group["betas"]
+        _check_hparam(group["lr"] > 0, f"AdamSN: lr must be positive, got {group['lr']}")
+        _check_hparam(0 <= beta1 < 1 and 0 <= beta2 < 1, f"AdamSN: betas must be in [0, 1), got {group['betas']}")
+        _check_hparam(group["eps"] >= 0, f"AdamSN: eps must be >= 0, got {group['eps']}")
+        _check_hparam(group["weight_decay"] >= 0, f"AdamSN: weight_decay must be >= 0, got {group['weight_decay']}")
+        if group["subset_norm"]:
+            for p in group["params"]:
+                _check_hparam(p.ndim == 2,
+                              f"AdamSN: subset_norm groups need 2-D parameters, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                dtype = _optim_state_dtype(p)
+                grad = p.grad.to(dtype)
+                if group["subset_norm"]:
+                    # Sum over the smaller dimension: per-row state for tall/square, per-column for wide.
+                    reduce_dim = 1 if p.size(0) >= p.size(1) else 0
+                    sq = grad.square().sum(dim=reduce_dim, keepdim=True)
+                else:
+                    sq = grad.square()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    if beta1 > 0:
+                        state["exp_avg"] = torch.zeros_like(grad)
+                    state["exp_avg_sq"] = torch.zeros_like(sq)
+                state["step"] += 1
+                t = state["step"]
+                v = state["exp_avg_sq"]
+                v.mul_(beta2).add_(sq, alpha=1 - beta2)
+                if beta1 > 0:
+                    m = state["exp_avg"]
+                    m.lerp_(grad, 1 - beta1)
+                else:
+                    m = grad
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+                w = p if p.dtype == dtype else p.to(dtype)
+                w.mul_(1 - lr * wd)
+                w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+                if w is not p:
+                    p.copy_(w)
+        return loss
+
+
+class Adafactor(torch.optim.Optimizer):
+    """Adafactor (Shazeer & Stern, 2018): factored second moment, increasing beta2, update clipping, relative steps.
+
+    At step t, with gradient G and parameter X (before this step):
+        beta2_t = 1 - t^beta2_decay                                    (beta2_decay = -0.8 in the paper)
+        matrices (factored over the last two dims, leading dims are a batch):
+            R <- beta2_t R + (1 - beta2_t) rowsum(G^2 + eps1),  C <- beta2_t C + (1 - beta2_t) colsum(G^2 + eps1)
+            V = R C^T / sum(R)
+        vectors and scalars: V <- beta2_t V + (1 - beta2_t) (G^2 + eps1)
+        U = G / sqrt(V);  U <- U / max(1, RMS(U) / clip_threshold)     (clip_threshold=None disables clipping)
+        U <- beta1 m + (1 - beta1) U, kept as m, if beta1 is not None (the paper's optional first moment)
+        rho_t = min(lr, 1 / sqrt(t)) if relative_step else lr
+        alpha_t = max(eps2, RMS(X)) * rho_t if scale_parameter else rho_t
+        X <- X * (1 - lr * weight_decay) - alpha_t U
+    Defaults are the paper's (lr=1e-2 caps the relative step). relative_step=False, scale_parameter=False gives a
+    plain learning rate. State is fp32 (fp64 for fp64 params).
+
+    torch.optim.Adafactor(lr, beta2_decay, eps=(None, eps2), d, weight_decay) computes the same algorithm (it
+    also has relative steps capped by lr, parameter scaling and clipping) and this class matches it with
+    relative_step=True, scale_parameter=True, beta1=None, clip_threshold=d and the same lr, beta2_decay, eps2 and
+    weight_decay. The only difference is eps1: torch clamps the row-factor mean at eps1 and V at eps1^2 instead of
+    adding eps1 to G^2, which agrees to rounding whenever no squared-gradient row/column mean is below eps1
+    (machine epsilon by default in torch, 1e-30 here).
+
+    Reference: N. Shazeer and M. Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost" (ICML 2018).
+    """
+
+    def __init__(self, params, lr=1e-2, relative_step=True, scale_parameter=True, beta1=None, beta2_decay=-0.8,
+                 eps1=1e-30, eps2=1e-3, clip_threshold=1.0, weight_decay=0.0):
+        defaults = {"lr": lr, "relative_step": relative_step, "scale_parameter": scale_parameter, "beta1": beta1,
+                    "beta2_decay": beta2_decay, "eps1": eps1, "eps2": eps2, "clip_threshold": clip_threshold,
+                    "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hparam(group["lr"] > 0, f"Adafactor: lr must be positive, got {group['lr']}")
+        _check_hparam(group["beta1"] is None or 0 <= group["beta1"] < 1,
+                      f"Adafactor: beta1 must be None or in [0, 1), got {group['beta1']}")
+        _check_hparam(group["beta2_decay"] <= 0, f"Adafactor: beta2_decay must be <= 0, got {group['beta2_decay']}")
+        _check_hparam(group["eps1"] >= 0 and group["eps2"] >= 0,
+                      f"Adafactor: eps1 and eps2 must be >= 0, got {group['eps1']}, {group['eps2']}")
+        _check_hparam(group["clip_threshold"] is None or group["clip_threshold"] > 0,
+                      f"Adafactor: clip_threshold must be positive or None, got {group['clip_threshold']}")
+        _check_hparam(group["weight_decay"] >= 0, f"Adafactor: weight_decay must be >= 0, got {group['weight_decay']}")
+
+    @staticmethod
+    def _rms(x):
+        return (x.norm() / math.sqrt(x.numel())).item()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps1, beta1, d = group["lr"], group["eps1"], group["beta1"], group["clip_threshold"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                dtype = _optim_state_dtype(p)
+                grad = p.grad.to(dtype)
+                factored = grad.ndim >= 2
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    if factored:
+                        state["row"] = grad.new_zeros(grad.shape[:-1] + (1,))
+                        state["col"] = grad.new_zeros(grad.shape[:-2] + (1, grad.size(-1)))
+                    else:
+                        state["v"] = torch.zeros_like(grad)
+                    if beta1 is not None:
+                        state["exp_avg"] = torch.zeros_like(grad)
+                state["step"] += 1
+                t = state["step"]
+                beta2 = 1 - t ** group["beta2_decay"]
+                sq = grad.square().add_(eps1)
+                if factored:
+                    row, col = state["row"], state["col"]
+                    row.mul_(beta2).add_(sq.sum(dim=-1, keepdim=True), alpha=1 - beta2)
+                    col.mul_(beta2).add_(sq.sum(dim=-2, keepdim=True), alpha=1 - beta2)
+                    v = row @ col / row.sum(dim=-2, keepdim=True)
+                else:
+                    v = state["v"]
+                    v.mul_(beta2).add_(sq, alpha=1 - beta2)
+                update = grad / v.sqrt()
+                if d is not None:
+                    update.div_(max(1.0, self._rms(update) / d))
+                if beta1 is not None:
+                    update = state["exp_avg"].lerp_(update, 1 - beta1)
+                w = p if p.dtype == dtype else p.to(dtype)
+                rho = min(lr, 1 / math.sqrt(t)) if group["relative_step"] else lr
+                alpha = max(group["eps2"], self._rms(w)) * rho if group["scale_parameter"] else rho
+                w.mul_(1 - lr * group["weight_decay"])
+                w.add_(update, alpha=-alpha)
+                if w is not p:
+                    p.copy_(w)
+        return loss
+
+
 def param_groups_for(model):
     """Splits parameters: hidden matrices (>= 2-D inside the blocks and MTP modules) vs the rest
     (embeddings, output head and every 1-D parameter)."""
@@ -740,18 +1111,30 @@ def param_groups_for(model):
 
 
 def build_optimizers(model, cfg, device):
-    """The optimizers --optimizer names, each group remembering its peak lr as 'initial_lr'."""
+    """The optimizers --optimizer names, each group remembering its peak lr as 'initial_lr'. Weight decay goes to
+    matrices and embeddings only. Muon, AdamSN and Adafactor treat the hidden matrices their own way and give
+    embeddings, head and 1-D parameters the Adam-family treatment with --learning_rate."""
     hidden, embed_head, vectors = param_groups_for(model)
-    betas = (cfg.beta1, cfg.beta2)
+    betas, wd, lr = (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.learning_rate
     fused = device.type == "cuda"
-    adam_groups = [dict(params=hidden + embed_head, weight_decay=cfg.weight_decay),
-                   dict(params=vectors, weight_decay=0.0)]
+    decay_groups = [dict(params=hidden + embed_head, weight_decay=wd), dict(params=vectors, weight_decay=0.0)]
     if cfg.optimizer == "adamw":
-        optimizers = [torch.optim.AdamW(adam_groups, lr=cfg.learning_rate, betas=betas, eps=1e-8, fused=fused)]
+        optimizers = [torch.optim.AdamW(decay_groups, lr=lr, betas=betas, eps=1e-8, fused=fused)]
     elif cfg.optimizer == "adam":
-        optimizers = [torch.optim.Adam(hidden + embed_head + vectors, lr=cfg.learning_rate, betas=betas, fused=fused)]
+        optimizers = [torch.optim.Adam(hidden + embed_head + vectors, lr=lr, betas=betas, eps=1e-8, fused=fused)]
+    elif cfg.optimizer == "muon":
+        optimizers = [Muon(hidden, lr=cfg.muon_lr, momentum=0.95, nesterov=True, weight_decay=wd),
+                      torch.optim.AdamW([dict(params=embed_head, weight_decay=wd), dict(params=vectors,
+                                        weight_decay=0.0)], lr=lr, betas=betas, eps=1e-8, fused=fused)]
+    elif cfg.optimizer == "adamsn":
+        optimizers = [AdamSN([dict(params=hidden, subset_norm=True, lr=cfg.sn_lr or 10 * lr, weight_decay=wd),
+                              dict(params=embed_head, weight_decay=wd), dict(params=vectors, weight_decay=0.0)],
+                             lr=lr, betas=betas, eps=1e-8)]
+    elif cfg.optimizer == "adafactor":  # relative step sizes: lr caps the step, scaled by each parameter's RMS
+        optimizers = [Adafactor([dict(params=hidden + embed_head, weight_decay=wd),
+                                 dict(params=vectors, weight_decay=0.0)], lr=lr)]
     else:
-        raise UsageError(f"--optimizer {cfg.optimizer} is not available; valid choices: adamw, adam")
+        raise UsageError(f"--optimizer {cfg.optimizer}: valid choices are {', '.join(CHOICES['optimizer'])}")
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -860,8 +1243,9 @@ class Trainer:
         self.autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
         self.flops_per_token = flops_per_token(self.raw_model)
         self.peak = peak_flops(device)
-        self.step = 0
-        self.train_time_ms = 0.0
+        self.step, self.train_time_ms, self.session_start_ms = 0, 0.0, 0.0
+        self.best, self.reached, self.bad_steps = (float("inf"), 0), None, 0
+        self.wandb_run = None
 
     def snapshot(self):
         """Everything the untimed warm-up changes, so it can be undone."""
@@ -888,7 +1272,8 @@ class Trainer:
         return t.to(self.device)
 
     def train_step(self, step):
-        """One optimizer step over accum_per_rank micro-batches. Returns (mean next-token loss tensor, applied)."""
+        """One optimizer step over accum_per_rank micro-batches.
+        Returns (mean next-token loss tensor, whether the update was applied, whether the step was bad)."""
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(step, self.cfg)
@@ -905,8 +1290,11 @@ class Trainer:
                     loss, main, _ = self.model(x, y)
                 self.scaler.scale(loss / self.accum_per_rank).backward()
             loss_sum += main.detach()
+        loss = loss_sum / self.accum_per_rank
         applied, self.last_grad_norm = optimizer_step(self.optimizers, self.scaler, self.params, self.cfg.grad_clip)
-        return loss_sum / self.accum_per_rank, applied
+        # An fp16 overflow is the GradScaler's business; anything else non-finite is a bad step.
+        bad = not applied and (not self.scaler.is_enabled() or not bool(torch.isfinite(loss)))
+        return loss, applied, bad
 
     @torch.no_grad()
     def evaluate(self):
@@ -953,11 +1341,9 @@ class Trainer:
         """Trains until the target val loss or max_iters. Returns a dict with the outcome."""
         cfg = self.cfg
         self.warm_up()
-        best = (float("inf"), 0)
-        reached = None
+        session_start_step, bad_in_a_row = self.step, 0
         self.synchronize()
         t0 = time.perf_counter()
-        timed_steps = 0
         while True:
             step = self.step
             last = step == cfg.max_iters
@@ -966,41 +1352,135 @@ class Trainer:
                 self.train_time_ms += 1000 * (time.perf_counter() - t0)
                 val_loss, aux = self.evaluate()
                 extra = "".join(f" val_mtp{k}:{v:.4f}" for k, v in enumerate(aux, start=2))
-                avg = self.train_time_ms / timed_steps if timed_steps else float("nan")
+                avg = self.train_time_ms / step if step else float("nan")
                 self.log(f"step:{step}/{cfg.max_iters} val_loss:{val_loss:.4f} train_time:{self.train_time_ms:.0f}ms "
                          f"step_avg:{avg:.2f}ms{extra}")
                 self.metrics(step=step, val_loss=val_loss, val_aux=aux, train_time_ms=self.train_time_ms)
-                if val_loss < best[0]:
-                    best = (val_loss, step)
+                self.report(dict(val_loss=val_loss, **{f"val_mtp{k}": v for k, v in enumerate(aux, start=2)}))
+                if val_loss < self.best[0]:
+                    self.best = (val_loss, step)
                 if cfg.target_val_loss > 0 and val_loss <= cfg.target_val_loss:
-                    reached = step
+                    self.reached = step
                     break
                 self.synchronize()
                 t0 = time.perf_counter()
             if last:
                 break
-            loss, applied = self.train_step(step)
+            loss, applied, bad = self.train_step(step)
             self.step += 1
-            timed_steps += 1
-            if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
+            if self.step == session_start_step + 1:  # state exists once the optimizers have stepped
+                self.log_state_bytes()
+            bad_in_a_row = bad_in_a_row + 1 if bad else 0
+            if bad:
+                self.bad_steps += 1
+                self.log(f"skipped step {self.step}: non-finite loss or gradient norm, no update applied "
+                         f"({bad_in_a_row} in a row, {self.bad_steps} in all)")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    path = self.save_checkpoint()
+                    raise TrainingError(f"{bad_in_a_row} non-finite steps in a row (--max_bad_steps "
+                                        f"{cfg.max_bad_steps}) at step {self.step}; the last good state is saved "
+                                        f"in {path}: lower --learning_rate or use --precision fp32, then --resume")
+            if cfg.wandb or self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
                 self.synchronize()
                 elapsed = self.train_time_ms + 1000 * (time.perf_counter() - t0)
                 if self.world_size > 1:
                     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-                step_s = elapsed / 1000 / timed_steps
-                tok_s = self.tokens_per_step / step_s
-                mfu = (f"{100 * self.flops_per_token * tok_s / (self.peak * self.world_size):.2f}%" if self.peak
-                       else "n/a")
-                extra = f" mtp_w:{self.raw_model.mtp_weight.item():.4f}" if cfg.mtp_enabled else ""
-                extra += f" grad_scale:{self.scaler.get_scale():.0f}" if self.scaler.is_enabled() else ""
+                tok_s = self.tokens_per_step * (self.step - session_start_step) / (elapsed - self.session_start_ms) \
+                    * 1000 if elapsed > self.session_start_ms else float("nan")
+                mfu = 100 * self.flops_per_token * tok_s / (self.peak * self.world_size) if self.peak else None
                 loss = loss.item()
-                self.log(f"step:{self.step}/{cfg.max_iters} train_loss:{loss:.4f} train_time:{elapsed:.0f}ms "
-                         f"step_avg:{elapsed / timed_steps:.2f}ms tok/s:{tok_s:.0f} mfu:{mfu}{extra}")
-                self.metrics(step=self.step, train_loss=loss, train_time_ms=elapsed, tokens_per_s=tok_s,
-                             lr_factor=lr_factor(self.step - 1, cfg), mtp_weight=mtp_weight_at(self.step - 1, cfg),
-                             grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None)
-        return dict(reached=reached, best_val_loss=best[0], best_step=best[1], train_time_ms=self.train_time_ms,
-                    final_val_loss=val_loss, steps=self.step)
+                values = dict(train_loss=loss, lr=self.optimizers[0].param_groups[0]["lr"],
+                              tokens=self.step * self.tokens_per_step, tokens_per_s=tok_s, mfu=mfu,
+                              mtp_weight=mtp_weight_at(step, cfg) if cfg.mtp_enabled else None,
+                              grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None)
+                self.report(values)
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
+                    extra = f" mtp_w:{values['mtp_weight']:.4f}" if cfg.mtp_enabled else ""
+                    extra += f" grad_scale:{values['grad_scale']:.0f}" if self.scaler.is_enabled() else ""
+                    self.log(f"step:{self.step}/{cfg.max_iters} train_loss:{loss:.4f} train_time:{elapsed:.0f}ms "
+                             f"step_avg:{elapsed / self.step:.2f}ms tok/s:{tok_s:.0f} "
+                             f"mfu:{'n/a' if mfu is None else f'{mfu:.2f}%'}{extra}")
+                    self.metrics(step=self.step, train_time_ms=elapsed, **values)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_iters:
+                self.train_time_ms += 1000 * (time.perf_counter() - t0)  # the clock pauses while saving
+                self.save_checkpoint()
+                self.synchronize()
+                t0 = time.perf_counter()
+        if cfg.save_every:
+            self.save_checkpoint()
+        return dict(reached=self.reached, best_val_loss=self.best[0], best_step=self.best[1],
+                    train_time_ms=self.train_time_ms, final_val_loss=val_loss, steps=self.step,
+                    bad_steps=self.bad_steps)
+
+    def log_state_bytes(self):
+        adamw = 2 * 4 * sum(p.numel() for p in self.params)  # AdamW: two fp32 moments per parameter
+        used = optimizer_state_bytes(self.optimizers)
+        self.log(f"optimizer: {self.cfg.optimizer} state {used:,} bytes, {used / adamw:.3f} of AdamW's {adamw:,}")
+
+    def report(self, values):
+        """Sends one step's numbers to Weights & Biases (rank 0, when --wandb started)."""
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in values.items() if v is not None}, step=self.step)
+
+    # --- checkpoints: everything a run needs to continue exactly where it stopped
+
+    def checkpoint_dir(self):
+        return os.path.join(self.cfg.log_dir, self.cfg.run_id)
+
+    def save_checkpoint(self):
+        """Writes logs/<run_id>/checkpoint_<step>.pt atomically (rank 0) and removes the previous one."""
+        path = os.path.join(self.checkpoint_dir(), f"checkpoint_{self.step:06d}.pt")
+        # Each rank's optimizer state: Muon keeps momentum only on the rank that owns a matrix.
+        states = [[o.state_dict() for o in self.optimizers]]
+        if self.world_size > 1:
+            gathered = [None] * self.world_size if self.rank == 0 else None
+            dist.gather_object(states[0], gathered, dst=0)
+            states = gathered
+        if self.rank == 0:
+            payload = dict(
+                model=self.raw_model.state_dict(), optimizers=states,
+                scaler=self.scaler.state_dict(), loader=self.train_loader.state_dict(), step=self.step,
+                train_time_ms=self.train_time_ms, best=list(self.best), bad_steps=self.bad_steps,
+                rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda"
+                else [], model_config=dataclasses.asdict(self.gcfg),
+                hyperparameters=dataclasses.asdict(self.cfg), code_sha256=source_sha256(), world_size=self.world_size)
+            os.makedirs(self.checkpoint_dir(), exist_ok=True)
+            atomic_save(payload, path)
+            for old in glob.glob(os.path.join(self.checkpoint_dir(), "checkpoint_*.pt")):
+                if old != path:
+                    os.remove(old)
+            self.log(f"checkpoint step:{self.step} train_time:{self.train_time_ms:.0f}ms saved {path}")
+        if self.world_size > 1:
+            dist.barrier()
+        return path
+
+    def load_checkpoint(self, path):
+        payload = read_checkpoint(path)
+        differ = [f"{k} ({v} here, {payload['model_config'].get(k)} in the checkpoint)"
+                  for k, v in dataclasses.asdict(self.gcfg).items() if payload["model_config"].get(k) != v]
+        if differ:
+            raise UsageError(f"--resume {path}: the checkpoint is for a different model: " + ", ".join(differ))
+        if payload["code_sha256"] != source_sha256():
+            raise UsageError(f"--resume {path}: the checkpoint was written by a different train_gpt.py, so the "
+                             "resumed log would not match its code; resume with the same source or start anew")
+        if payload["world_size"] != self.world_size:
+            raise UsageError(f"--resume {path}: written by {payload['world_size']} processes, resumed with "
+                             f"{self.world_size}; launch with torchrun --nproc_per_node={payload['world_size']}")
+        self.raw_model.load_state_dict(payload["model"])
+        states = payload["optimizers"][self.rank]
+        if len(states) != len(self.optimizers):
+            raise UsageError(f"--resume {path}: the checkpoint's optimizer differs; use its --optimizer "
+                             f"{payload['hyperparameters']['optimizer']}")
+        for opt, state in zip(self.optimizers, states):
+            opt.load_state_dict(state)
+        self.scaler.load_state_dict(payload["scaler"])
+        self.train_loader.load_state_dict(payload["loader"])
+        self.step, self.train_time_ms = payload["step"], payload["train_time_ms"]
+        self.session_start_ms = self.train_time_ms
+        self.best, self.bad_steps = tuple(payload["best"]), payload["bad_steps"]
+        torch.set_rng_state(payload["rng"])
+        if self.device.type == "cuda" and payload["cuda_rng"]:
+            torch.cuda.set_rng_state_all(payload["cuda_rng"])
 
     def save_model(self, path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1036,6 +1516,50 @@ def json_free_copy(state):
     return state
 
 
+def source_sha256():
+    with open(__file__, encoding="utf-8") as f:
+        source = f.read()
+    return hashlib.sha256((source if source.endswith("\n") else source + "\n").encode("utf-8")).hexdigest()
+
+
+def read_checkpoint(path):
+    """Loads a checkpoint as data only (weights_only: no code runs); one clear error for anything unreadable."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume {path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt or not a torch file at all
+        raise UsageError(f"--resume {path}: unreadable checkpoint ({type(e).__name__}); resume from an earlier "
+                         "one or start anew") from None
+    needed = {"model", "optimizers", "scaler", "loader", "step", "train_time_ms", "model_config", "hyperparameters"}
+    if not isinstance(payload, dict) or not needed <= set(payload):
+        raise UsageError(f"--resume {path}: not a train_gpt.py checkpoint (a model.pt is for --sample)")
+    return payload
+
+
+def find_checkpoint(cfg):
+    """--resume PATH, or --resume auto: the latest checkpoint of --run_id, else of the most recent run."""
+    if cfg.resume != "auto":
+        return cfg.resume
+    where = os.path.join(cfg.log_dir, cfg.run_id or "*", "checkpoint_*.pt")
+    found = glob.glob(where)
+    if not found:
+        raise UsageError(f"--resume auto: no checkpoint matches {where}; runs save them with --save_every N")
+    return max(found, key=lambda p: (os.path.getmtime(p), p))
+
+
+def start_wandb(cfg, log):
+    """A Weights & Biases run, or None: training never fails because wandb does."""
+    try:
+        import wandb
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.run_id, id=cfg.run_id,
+                          resume="allow", config=dataclasses.asdict(cfg))
+    except Exception as e:  # no account, no network, not installed: say so once and go on
+        log(f"wandb did not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "training continues without it")
+        return None
+
+
 def atomic_save(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
@@ -1059,11 +1583,11 @@ def resolve_device(name, local_rank=0):
 
 class RunLog:
     """logs/<run_id>.txt: the source of this file, a line of 100 '=', the code's sha256, versions, hardware,
-    the resolved configuration, then every printed line. Only rank 0 writes."""
+    the resolved configuration, then every printed line. Only rank 0 writes; a resumed run appends."""
 
-    def __init__(self, path, enabled=True):
+    def __init__(self, path, enabled=True, append=False):
         self.path, self.enabled = path, enabled
-        if enabled:
+        if enabled and not append:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             with open(__file__, encoding="utf-8") as f:
                 source = f.read()
@@ -1136,9 +1660,17 @@ def sample_main(sampling):
 
 
 def main(argv=None):
-    cfg, sampling = parse_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg, sampling = parse_config(argv)
     if getattr(sampling, "sample", None):
         return sample_main(sampling)
+    resume_path = None
+    if cfg.resume:  # the checkpoint's configuration, with the flags given now on top
+        resume_path = find_checkpoint(cfg)
+        saved = read_checkpoint(resume_path)["hyperparameters"]
+        given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if hasattr(cfg, k)}
+        cfg = Hyperparameters(**{**saved, **given, "resume": resume_path, "run_id": given.get("run_id",
+                                                                                            saved["run_id"])})
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     trainer = Trainer(cfg, rank=rank, local_rank=local_rank, world_size=world_size)  # validates flags and data
@@ -1146,7 +1678,7 @@ def main(argv=None):
         backend = "nccl" if trainer.device.type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(trainer.device)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=5))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     if not cfg.run_id:
         stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
         cfg.run_id = f"{stamp}_{uuid.uuid4().hex[:6]}"
@@ -1154,21 +1686,32 @@ def main(argv=None):
             shared = [cfg.run_id]
             dist.broadcast_object_list(shared, src=0)
             cfg.run_id = shared[0]
-    log = RunLog(os.path.join(cfg.log_dir, f"{cfg.run_id}.txt"), enabled=rank == 0)
+    log_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
+    log = RunLog(log_path, enabled=rank == 0, append=resume_path is not None and os.path.exists(log_path))
     trainer.log, trainer.metrics = log, log.metrics
-    log(f"log: {log.path}")
-    log(versions())
-    log(hardware_description(trainer.device), console=False)
-    for key, value in dataclasses.asdict(cfg).items():
-        log(f"{key}: {value}", console=False)
-    for key, value in trainer.derived().items():
-        log(f"{key}: {value}")
-    if cfg.embd_scale != 1.0:
-        before = dataclasses.replace(trainer.gcfg, n_embd=cfg.n_embd)
-        log(f"model before embd_scale {cfg.embd_scale}: {describe_model(before)}")
-    log(f"model: {describe_model(trainer.gcfg)}")
+    if resume_path is None:
+        log(f"log: {log.path}")
+        log(versions())
+        log(hardware_description(trainer.device), console=False)
+        for key, value in dataclasses.asdict(cfg).items():
+            log(f"{key}: {value}", console=False)
+        for key, value in trainer.derived().items():
+            log(f"{key}: {value}")
+        if cfg.embd_scale != 1.0:
+            before = dataclasses.replace(trainer.gcfg, n_embd=cfg.n_embd)
+            log(f"model before embd_scale {cfg.embd_scale}: {describe_model(before)}")
+        log(f"model: {describe_model(trainer.gcfg)}")
     trainer.setup()
-    result = trainer.run()
+    if resume_path is not None:
+        trainer.load_checkpoint(resume_path)
+        log(f"resume from {resume_path} at step:{trainer.step} train_time:{trainer.train_time_ms:.0f}ms")
+    if rank == 0 and cfg.wandb:
+        trainer.wandb_run = start_wandb(cfg, log)
+    try:
+        result = trainer.run()
+    finally:
+        if trainer.wandb_run is not None:
+            trainer.wandb_run.finish()
     if rank == 0:
         path = os.path.join(cfg.log_dir, cfg.run_id, "model.pt")
         trainer.save_model(path)
@@ -1186,3 +1729,6 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)

@@ -39,7 +39,7 @@ _MS_RE = re.compile(r"^(.+)ms$")
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf|infinity)"
 _FLOAT_RE = re.compile(rf"^(?:{_NUM})$", re.IGNORECASE)
 _RESUME_RE = re.compile(r"^resume from (.+) at step:(\d+) train_time:(\d+)ms$")
-_CHECKPOINT_RE = re.compile(r"^checkpoint step:(\d+) saved (.+)$")
+_CHECKPOINT_RE = re.compile(r"^checkpoint step:(\d+) train_time:(\d+)ms saved (.+)$")
 _REACHED_RE = re.compile(r"^target val_loss (\S+) reached at step:(\d+) train_time:(\d+)ms$")
 _NOT_REACHED_RE = re.compile(r"^target val_loss (\S+) not reached: best val_loss (\S+) at step:(\d+)$")
 
@@ -178,7 +178,8 @@ def parse_log(text: str) -> dict:
             continue
         m = _CHECKPOINT_RE.match(line)
         if m:
-            rec = {"type": "checkpoint", "step": int(m.group(1)), "path": m.group(2), "lineno": lineno}
+            rec = {"type": "checkpoint", "step": int(m.group(1)), "saved_time_ms": int(m.group(2)),
+                   "path": m.group(3), "lineno": lineno}
             out["events"].append(rec)
             out["checkpoints"].append(rec)
             continue
@@ -251,9 +252,19 @@ def _check(parsed: dict, target_override: float | None) -> tuple[str | None, dic
     # train_time never decreases; steps never decrease between resume markers
     prev_time, prev_time_line = -1, None
     min_step, prev_step_line = -1, None
+    saved = set()  # (step, train_time, path) of every checkpoint written so far
     for ev in parsed["events"]:
+        if ev["type"] == "checkpoint":
+            saved.add((ev["step"], ev["saved_time_ms"], ev["path"]))
         t = ev.get("train_time_ms")
-        if t is not None:
+        if ev["type"] == "resume":
+            # A resumed run continues from a checkpoint this log recorded: the clock and the step go back to it
+            # (work done after that checkpoint by the interrupted process is discarded).
+            if (ev["step"], t, ev["path"]) not in saved:
+                return (f"line {ev['lineno']}: resume from a checkpoint (step {ev['step']}, {t}ms) that this "
+                        "log never saved"), facts
+            prev_time, prev_time_line = t, ev["lineno"]
+        elif t is not None:
             if t < prev_time:
                 return (f"line {ev['lineno']}: train_time {t}ms decreases "
                         f"(was {prev_time}ms at line {prev_time_line})"), facts

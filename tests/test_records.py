@@ -142,7 +142,8 @@ def test_extra_fields_nan_and_resume_accepted(tmp_path):
     text = text.replace(
         "step:50/2000 val_loss:2.4000 train_time:2000ms step_avg:40.00ms",
         "step:50/2000 val_loss:2.4000 train_time:2000ms step_avg:40.00ms val_mtp2:2.31\n"
-        "checkpoint step:50 saved ckpt/run_50.pt\n"
+        "checkpoint step:50 train_time:2000ms saved ckpt/run_50.pt\n"
+        "step:60/2000 train_loss:2.1000 train_time:2400ms step_avg:40.00ms\n"  # lost when the run was killed
         "resume from ckpt/run_50.pt at step:50 train_time:2000ms",
     )
     text = text.replace("step:51/2000 train_loss:2.0000", "step:51/2000 train_loss:nan")
@@ -150,6 +151,8 @@ def test_extra_fields_nan_and_resume_accepted(tmp_path):
     r = verify.verify_log(p)
     assert r["ok"], r["reason"]
     assert r["n_resumes"] == 1
+    forged = text.replace("resume from ckpt/run_50.pt at step:50", "resume from ckpt/run_40.pt at step:50")
+    assert_refused(write_log(tmp_path, "forged.txt", text=forged), "never saved")
 
 
 def test_tampered_val_line_refused(tmp_path):

