@@ -144,14 +144,15 @@ PRESETS = {
 RECIPES = {
     # nanoGPT's GPT-2 as nanoGPT trains it: the honest baseline.
     "classic": dict(
-        pos_emb="learned", norm="layer", mlp="gelu", bias=True, qk_norm=False, tie_embeddings=True,
+        pos_emb="learned", norm="layer", mlp="gelu", bias=False, qk_norm=False, tie_embeddings=True,
         logit_softcap=0.0, zero_init=False, optimizer="adamw", learning_rate=1e-3, beta2=0.99, weight_decay=0.1,
         schedule="cosine", warmup_iters=100, warmdown_iters=0, min_lr_ratio=0.1),
     "speedrun": dict(
         pos_emb="rope", norm="rms", mlp="relu2", bias=False, qk_norm=True, tie_embeddings=False,
         logit_softcap=15.0, zero_init=True, optimizer="muon", learning_rate=1e-3, beta2=0.95, weight_decay=0.0,
-        schedule="wsd", warmup_iters=0, warmdown_iters=600, min_lr_ratio=0.0),
+        schedule="wsd", warmup_iters=0, warmdown_iters=None, min_lr_ratio=0.0),
 }
+WARMDOWN_FRACTION = 0.4  # speedrun: share of max_iters spent in the final linear decay
 
 CHOICES = dict(recipe=list(RECIPES), pos_emb=["rope", "learned"], norm=["rms", "layer"], mlp=["relu2", "gelu"],
                optimizer=["adamw", "adam", "muon", "adamsn", "adafactor"], schedule=["wsd", "cosine"],
@@ -224,6 +225,8 @@ def parse_config(argv):
     for key, value in RECIPES[cfg.recipe].items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
+    if cfg.warmdown_iters is None:  # the speedrun schedule decays over the last part of whatever budget it gets
+        cfg.warmdown_iters = int(WARMDOWN_FRACTION * cfg.max_iters)
     return cfg, sampling
 
 
@@ -425,29 +428,34 @@ def tokenizer_from_meta(meta):
 
 
 class DistributedDataLoader:
-    """Reads each shard as world_size * batch_size parallel streams: stream i starts at the i-th equal slice of the
-    shard, so the rows of a batch come from far-apart text (adjacent rows would be one correlated passage), and one
-    pass over the streams reads the shard once. Rank r reads streams r*B..(r+1)*B-1, so the ranks' rows are disjoint
-    and together make the global batch. Each batch gives inputs x (B, T) and targets y (max_offset, B, T), y[k-1]
-    being the tokens shifted by k. Moves to the next shard when the streams run out; wraps around after the last."""
+    """Cuts each shard into windows of seq_len tokens (plus max_offset for the shifted targets) and visits them in a
+    seeded random order, each window once per pass: a batch's rows come from all over the text, as independent
+    samples should, and no window repeats within a pass. Each pass starts the windows at another offset, so later
+    passes see new windows. Global batch i holds windows order[i*B*W:(i+1)*B*W] and rank r takes its r-th slice of
+    B rows, so the ranks read disjoint data that together make the global batch. Each batch gives inputs x (B, T) and
+    targets y (max_offset, B, T), y[k-1] being the tokens shifted by k. Moves to the next shard when a pass through
+    one is done and wraps around after the last."""
 
-    def __init__(self, pattern, batch_size, seq_len, rank, world_size, max_offset=1):
+    def __init__(self, pattern, batch_size, seq_len, rank, world_size, max_offset=1, seed=0):
         self.files = find_shards(pattern, "training")
         self.B, self.T, self.rank, self.world_size, self.max_offset = batch_size, seq_len, rank, world_size, max_offset
-        n_streams = batch_size * world_size
+        self.seed = seed
+        rows = batch_size * world_size
         for path in self.files:
             n = len(read_shard(path))
-            if (n - max_offset) // n_streams < seq_len:
+            if (n - max_offset - seq_len) // seq_len < rows:
                 raise UsageError(f"{path}: {n} tokens, fewer than one global batch needs "
-                                 f"({n_streams * seq_len + max_offset}); use a smaller --batch_size/--block_size")
+                                 f"({(rows + 1) * seq_len + max_offset}); use a smaller --batch_size/--block_size")
         self.reset()
 
-    def reset(self, shard=0, position=None, epoch=0):
-        self.shard, self.epoch = shard, epoch
-        # Each pass starts the streams at another offset, so a second epoch does not repeat the first one's windows.
-        self.position = (epoch * 7 * self.T // 11) % self.T if position is None else position
+    def reset(self, shard=0, position=0, epoch=0):
+        self.shard, self.position, self.epoch = shard, position, epoch
         self.tokens = read_shard(self.files[self.shard])
-        self.stream_len = (len(self.tokens) - self.max_offset) // (self.B * self.world_size)
+        self.offset = (epoch * 7 * self.T // 11) % self.T  # where this pass's windows start
+        n_windows = (len(self.tokens) - self.max_offset - self.offset) // self.T
+        rng = np.random.default_rng([self.seed, shard, epoch])
+        self.order = rng.permutation(n_windows)
+        self.batches_per_pass = n_windows // (self.B * self.world_size)
 
     def state_dict(self):
         return {"shard": self.shard, "position": self.position, "epoch": self.epoch}
@@ -457,12 +465,13 @@ class DistributedDataLoader:
 
     def next_batch(self):
         B, T, K = self.B, self.T, self.max_offset
-        if self.position + T > self.stream_len:
+        if self.position >= self.batches_per_pass:
             wrap = self.shard + 1 == len(self.files)
-            self.reset((self.shard + 1) % len(self.files), None, self.epoch + wrap)
-        starts = [(self.rank * B + b) * self.stream_len + self.position for b in range(B)]
+            self.reset((self.shard + 1) % len(self.files), 0, self.epoch + wrap)
+        first = (self.position * self.world_size + self.rank) * B
+        starts = self.offset + self.order[first:first + B] * T
         rows = torch.from_numpy(np.stack([self.tokens[s:s + T + K] for s in starts]).astype(np.int64))
-        self.position += T
+        self.position += 1
         x = rows[:, :T]
         y = torch.stack([rows[:, k:k + T] for k in range(1, K + 1)])
         return x, y
@@ -1222,7 +1231,7 @@ class Trainer:
         self.meta = load_meta(cfg.input_bin)
         check_shards(train_files, self.meta["vocab_size"], 1)
         self.train_loader = DistributedDataLoader(cfg.input_bin, cfg.batch_size, cfg.block_size, rank, world_size,
-                                                  self.max_offset)
+                                                  self.max_offset, seed=cfg.seed)
         self.val_set = ValidationSet(cfg.input_val_bin, cfg.batch_size, cfg.block_size, cfg.val_tokens,
                                      self.meta["vocab_size"])
         self.gcfg = gpt_config(cfg, self.n_kv_head, self.meta["vocab_size"])

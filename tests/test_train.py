@@ -67,15 +67,18 @@ def test_loader_ranks_are_disjoint_and_cover_the_global_batch(tmp_path):
                 torch.testing.assert_close(y[k - 1], x + k)
 
 
-def test_loader_moves_to_next_shard_and_wraps(tmp_path):
+def test_loader_visits_every_window_once_per_pass_then_next_shard_and_wraps(tmp_path):
     for i in range(2):  # shard i holds 1000*i + position
-        train_gpt.write_shard(str(tmp_path / f"train_{i:06d}.bin"), 1000 * i + np.arange(100))
-    loader = train_gpt.DistributedDataLoader(str(tmp_path / "train_*.bin"), 2, 16, 0, 1)
-    # 2 streams of 49 tokens per shard: 3 windows of 16 in the first pass
-    firsts = [int(loader.next_batch()[0][0, 0]) for _ in range(10)]
-    assert firsts[:6] == [0, 16, 32, 1000, 1016, 1032]
-    # the second pass starts the streams at another offset (7*16//11 = 10), so no window repeats
-    assert firsts[6:] == [10, 26, 1010, 1026]
+        train_gpt.write_shard(str(tmp_path / f"train_{i:06d}.bin"), 1000 * i + np.arange(200))
+    loader = train_gpt.DistributedDataLoader(str(tmp_path / "train_*.bin"), 2, 16, 0, 1, seed=3)
+    starts = [loader.next_batch()[0][:, 0].tolist() for _ in range(18)]  # 12 windows of 16 per shard: 6 batches
+    first_pass = [s for batch in starts[:6] for s in batch]
+    assert sorted(first_pass) == list(range(0, 192, 16)) and first_pass != sorted(first_pass)  # all, shuffled
+    assert sorted(s for batch in starts[6:12] for s in batch) == list(range(1000, 1192, 16))
+    # the second pass over shard 0 starts its windows at another offset (7*16//11 = 10): no window repeats
+    assert all(s % 16 == 10 and s < 1000 for batch in starts[12:] for s in batch)
+    again = train_gpt.DistributedDataLoader(str(tmp_path / "train_*.bin"), 2, 16, 0, 1, seed=3)
+    assert [again.next_batch()[0][:, 0].tolist() for _ in range(6)] == starts[:6]  # the order is seeded
 
 
 def test_val_set_is_the_same_for_any_world_size(char_data):

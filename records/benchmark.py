@@ -1,0 +1,574 @@
+#!/usr/bin/env python3
+"""Run named suites of train_gpt.py configurations, one subprocess at a time, and tabulate them in markdown.
+
+Every run is `python train_gpt.py --preset shakespeare_char --device cpu ...` started from the repository root,
+with --run_id <suite>_<name>_<seed>, --seed, --max_iters <steps>, --eval_interval and the configuration's flags.
+
+Suites:
+  features    --recipe classic, all steps (--target_val_loss 0): multi-head attention against grouped-query
+              attention (with and without --embd_scale) and multi-token prediction.
+  optimizers  --recipe classic, all steps: a learning-rate sweep per optimizer at --sweep_steps (grids in LR_GRID,
+              first seed), then every optimizer at its best rate for --steps on every seed.
+  recipes     classic against speedrun to the preset's target val loss (1.88), alternating, for every seed;
+              --ablate also runs speedrun with one of its features switched off at a time (first seed).
+
+Usage:
+  python records/benchmark.py --suite features [--steps 2000] [--seeds 1337]
+  python records/benchmark.py --suite optimizers [--sweep_steps 300] [--steps 2000]
+  python records/benchmark.py --suite recipes [--seeds 1337 1338 1339] [--ablate]
+  python records/benchmark.py --suite features --steps 20 --only mha gqa1       # a smoke test of two configs
+  python records/benchmark.py --suite recipes --steps 8 --seeds 1 --data /tmp/tiny \\
+      --extra "--n_layer 1 --n_embd 32 --n_head 2 --block_size 16 --batch_size 4"  # appended to every run
+
+Data: --data DIR (default data/tinyshakespeare_char) must hold train_*.bin and val_*.bin.
+Output: each run writes <log_dir>/<run_id>.txt and <log_dir>/<run_id>/metrics.jsonl (default log_dir
+logs/bench_<suite>_<timestamp>); the tables go to stdout and to --out (default <log_dir>/results.md), and every
+parsed run to the same path with a .json suffix. When --steps is shorter than a recipe's warmup plus warmdown,
+both are scaled down to fit half the run (smoke tests only; the header says so).
+Exit code: 0 when every run succeeded, 1 when any failed (the tables still show them), 2 for bad usage or no data.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+import train_gpt  # noqa: E402  (the recipes' schedules and the torch version)
+
+DEFAULT_DATA = "data/tinyshakespeare_char"
+DATA_HINT = ("make it with: python data/shakespeare.py --source tinyshakespeare "
+             "--input ../shared/data/tinyshakespeare.txt --out_dir data/tinyshakespeare_char")
+SEPARATOR = "=" * 100
+
+# --- suites: names and flags (edit here)
+
+FEATURES = {
+    "mha": [],
+    "gqa2": ["--n_kv_head", "2"],
+    "gqa1": ["--n_kv_head", "1"],
+    "gqa2_scaled": ["--n_kv_head", "2", "--embd_scale", "1.25"],
+    "gqa1_scaled": ["--n_kv_head", "1", "--embd_scale", "1.25"],
+    "mtp2": ["--mtp_enabled", "--mtp_max_steps", "2"],
+    "mtp3": ["--mtp_enabled", "--mtp_max_steps", "3"],
+}
+
+# flag: the swept train_gpt.py flag; values: its grid; fixed: other flags for every point of the grid;
+# learning_rate_from: take --learning_rate from that optimizer's best sweep point (FALLBACK_LR when not swept).
+LR_GRID = {
+    "adamw": dict(flag="learning_rate", values=[1e-3, 2e-3, 4e-3]),
+    "adam": dict(flag="learning_rate", values=[1e-3, 2e-3, 4e-3]),
+    "muon": dict(flag="muon_lr", values=[0.02, 0.05, 0.1], fixed={"learning_rate": 2e-3}),
+    "adamsn": dict(flag="sn_lr", values=[3e-3, 1e-2, 3e-2], learning_rate_from="adamw"),
+    "adafactor": dict(flag="learning_rate", values=[3e-3, 1e-2, 3e-2]),
+}
+FALLBACK_LR = 2e-3
+
+RECIPES = ["classic", "speedrun"]
+
+# speedrun with one feature switched off (or swapped for classic's choice)
+ABLATIONS = {
+    "learned_pos_emb": ["--pos_emb", "learned"],
+    "no_qk_norm": ["--qk_norm", "False"],
+    "gelu_mlp": ["--mlp", "gelu"],
+    "no_zero_init": ["--zero_init", "False"],
+    "tied_embeddings": ["--tie_embeddings", "True"],
+    "no_softcap": ["--logit_softcap", "0"],
+    "adamw": ["--optimizer", "adamw"],
+    "cosine_schedule": ["--schedule", "cosine"],
+}
+
+SUITE_DEFAULTS = {
+    "features": dict(seeds=[1337], eval_interval=250),
+    "optimizers": dict(seeds=[1337], eval_interval=250),
+    "recipes": dict(seeds=[1337, 1338, 1339], eval_interval=50),
+}
+
+
+def suite_names(suite):
+    """The names --only may pick for a suite."""
+    return {"features": list(FEATURES), "optimizers": list(LR_GRID), "recipes": RECIPES + list(ABLATIONS)}[suite]
+
+
+# --- formatting
+
+def fmt_duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_cell(value, spec=""):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    text = format(value, spec) if spec and isinstance(value, (int, float)) else str(value)
+    return text.replace("|", "\\|")
+
+
+def markdown_table(rows, columns):
+    """rows: dicts. columns: (header, key, spec) triples; key is a row key or a function of the row, spec a format
+    spec for numbers. Missing values show as n/a; columns with a spec (numbers) are right-aligned, the rest left."""
+    headers = [header for header, _, _ in columns]
+    cells = [[format_cell(key(row) if callable(key) else row.get(key), spec) for _, key, spec in columns]
+             for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    right = [bool(spec) for _, _, spec in columns]
+
+    def line(items):
+        return "| " + " | ".join(t.rjust(w) if r else t.ljust(w) for t, w, r in zip(items, widths, right)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" if r else ":" + "-" * (w + 1) for w, r in zip(widths, right)) + "|"
+    return "\n".join([line(headers), rule] + [line(r) for r in cells])
+
+
+def failure_notes(results):
+    return "\n".join(f"- `{r['run_id']}` failed: {r['error']}" for r in results if not r["ok"])
+
+
+def machine_line():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"machine: {cpu}, {os.cpu_count()} cores; torch {train_gpt.torch.__version__}; "
+            f"python {platform.python_version()}; {datetime.datetime.now():%Y-%m-%d %H:%M}")
+
+
+# --- reading a run's log and metrics
+
+LOG_NUMBERS = {
+    "params": re.compile(r"^params: (\d+)$", re.M),
+    "kv_cache_bytes_per_token": re.compile(r"^kv_cache_bytes_per_token: (\d+)$", re.M),
+    "tokens_per_step": re.compile(r"^tokens_per_step: (\d+)$", re.M),
+}
+STATE_RE = re.compile(r"^optimizer: (\S+) state ([\d,]+) bytes, ([\d.]+) of AdamW's ([\d,]+)$", re.M)
+REACHED_RE = re.compile(r"^target val_loss (\S+) reached at step:(\d+) train_time:(\d+)ms$")
+NOT_REACHED_RE = re.compile(r"^target val_loss (\S+) not reached: best val_loss (\S+) at step:(\d+)$")
+
+
+def parse_run(log_path, metrics_path):
+    """What a finished run's log and metrics.jsonl say. Raises ValueError when they are missing or incomplete."""
+    if not os.path.exists(log_path) or not os.path.exists(metrics_path):
+        raise ValueError(f"no log or metrics.jsonl for {log_path}")
+    with open(log_path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if SEPARATOR not in lines:
+        raise ValueError(f"{log_path}: no separator line after the source")
+    body = "\n".join(lines[lines.index(SEPARATOR) + 1:])  # the source above may hold any text
+    out = {}
+    for key, pattern in LOG_NUMBERS.items():
+        match = pattern.search(body)
+        out[key] = int(match.group(1)) if match else None
+    state = STATE_RE.search(body)
+    out["state_bytes"] = int(state.group(2).replace(",", "")) if state else None
+    out["state_ratio"] = float(state.group(3)) if state else None
+    last = next((line for line in reversed(lines) if line.strip()), "")
+    reached, missed = REACHED_RE.match(last), NOT_REACHED_RE.match(last)
+    if not (reached or missed):
+        raise ValueError(f"{log_path}: the last line is not a target val_loss line")
+    out["reached"] = bool(reached)
+    out["reached_step"] = int(reached.group(2)) if reached else None
+    out["reached_time_s"] = int(reached.group(3)) / 1000 if reached else None
+    out["reached_tokens"] = out["reached_step"] * out["tokens_per_step"] \
+        if reached and out["tokens_per_step"] else None
+
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    val = [r for r in rows if "val_loss" in r]
+    train = [r for r in rows if "train_loss" in r]
+    if not val:
+        raise ValueError(f"{metrics_path}: no val rows")
+    best = min(val, key=lambda r: r["val_loss"])
+    out.update(final_val_loss=val[-1]["val_loss"], best_val_loss=best["val_loss"], best_step=best["step"],
+               steps=max(r["step"] for r in rows), train_time_s=max(r["train_time_ms"] for r in rows) / 1000)
+    last_train = train[-1] if train else None
+    out["tokens_per_s"] = last_train["tokens"] / (last_train["train_time_ms"] / 1000) \
+        if last_train and last_train["train_time_ms"] > 0 else None
+    return out
+
+
+# --- running one configuration
+
+class Progress:
+    """Prints `[i/N] label ... elapsed 4m10s, eta 6m` before each run; the ETA assumes the time per step so far."""
+
+    def __init__(self, runs, steps):
+        self.runs, self.steps_left = runs, steps
+        self.index, self.steps_done, self.train_seconds = 0, 0, 0.0
+        self.start = time.time()
+
+    def begin(self, label):
+        self.index += 1
+        elapsed = time.time() - self.start
+        eta = fmt_duration(self.train_seconds / self.steps_done * self.steps_left) if self.steps_done else "?"
+        print(f"[{self.index}/{self.runs}] {label} ... elapsed {fmt_duration(elapsed)}, eta {eta}", flush=True)
+
+    def skip(self, runs, planned_steps):
+        self.runs -= runs
+        self.steps_left = max(0, self.steps_left - planned_steps)
+
+    def end(self, planned_steps, steps_done, seconds):
+        self.steps_left = max(0, self.steps_left - planned_steps)
+        if steps_done:
+            self.steps_done += steps_done
+            self.train_seconds += seconds
+
+
+class Bench:
+    """What every run of one benchmark shares."""
+
+    def __init__(self, args, progress):
+        self.suite, self.data, self.log_dir = args.suite, args.data, args.log_dir
+        self.eval_interval, self.extra, self.progress = args.eval_interval, shlex.split(args.extra), progress
+        self.results = []
+        # features and optimizers run every step; recipes stop at the target (the preset's unless --target)
+        if args.suite != "recipes":
+            self.target_flags = ["--target_val_loss", "0"]
+        else:
+            self.target_flags = ["--target_val_loss", f"{args.target:g}"] if args.target is not None else []
+
+
+def schedule_flags(recipe, steps):
+    """Warmup and warmdown scaled to half the run when the recipe's own do not fit in `steps`, else none."""
+    warmup, warmdown = (train_gpt.RECIPES[recipe][k] for k in ("warmup_iters", "warmdown_iters"))
+    if warmup + warmdown <= steps:
+        return []
+    total = warmup + warmdown
+    half = steps / (2 * total)
+    return ["--warmup_iters", str(int(warmup * half)), "--warmdown_iters", str(int(warmdown * half))]
+
+
+def run_config(bench, name, flags, seed, steps, recipe, label=None):
+    """Runs train_gpt.py once and returns a dict: the run's identity, ok/error, and parse_run's numbers."""
+    run_id = f"{bench.suite}_{name}_{seed}"
+    argv = ["--preset", "shakespeare_char", "--device", "cpu", "--recipe", recipe,
+            "--input_bin", os.path.join(bench.data, "train_*.bin"),
+            "--input_val_bin", os.path.join(bench.data, "val_*.bin"),
+            "--run_id", run_id, "--log_dir", bench.log_dir, "--seed", str(seed), "--max_iters", str(steps),
+            "--eval_interval", str(bench.eval_interval), *bench.target_flags, *schedule_flags(recipe, steps),
+            *flags, *bench.extra]
+    result = dict(name=name, seed=seed, run_id=run_id, recipe=recipe, flags=" ".join(flags), argv=argv)
+    log_path, metrics_path = (os.path.join(bench.log_dir, f"{run_id}.txt"),
+                              os.path.join(bench.log_dir, run_id, "metrics.jsonl"))
+    if os.path.exists(metrics_path):  # a rerun into the same --log_dir rewrites the log; train_gpt.py appends here
+        os.remove(metrics_path)
+    bench.progress.begin(label or f"{name} seed {seed}")
+    start = time.time()
+    proc = subprocess.run([sys.executable, "train_gpt.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    result.update(wall_s=time.time() - start, returncode=proc.returncode, ok=proc.returncode == 0, error=None)
+    if proc.returncode:
+        last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
+        result["error"] = f"exit {proc.returncode}: {last.strip()}"
+    else:
+        try:
+            result.update(parse_run(log_path, metrics_path))
+        except ValueError as e:
+            result.update(ok=False, error=str(e))
+    bench.progress.end(steps, result.get("steps") or 0, result["wall_s"])
+    if result["ok"]:
+        outcome = f"reached at step {result['reached_step']}" if result["reached"] else \
+            f"best val {result['best_val_loss']:.4f}"
+        print(f"    done in {fmt_duration(result['wall_s'])}: final val {result['final_val_loss']:.4f}, {outcome}",
+              flush=True)
+    else:
+        print(f"    FAILED: {result['error']}", flush=True)
+    bench.results.append(result)
+    return result
+
+
+def mean(values):
+    """The mean, or None when there is nothing (or something missing) to average."""
+    return sum(values) / len(values) if values and None not in values else None
+
+
+def mean_over_seeds(results):
+    """One row per name: the mean of every number over the runs that succeeded, and `runs` = 'ok/total'."""
+    rows = {}
+    for r in results:
+        rows.setdefault(r["name"], []).append(r)
+    out = []
+    for name, runs in rows.items():
+        good = [r for r in runs if r["ok"]]
+        row = dict(name=name, flags=runs[0]["flags"], runs=f"{len(good)}/{len(runs)}")
+        for key in (good[0] if good else {}):
+            values = [r[key] for r in good]
+            if key not in row and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                row[key] = mean(values)
+        out.append(row)
+    return out
+
+
+# --- suites
+
+def features_suite(bench, args, report):
+    configs = {n: f for n, f in FEATURES.items() if n in args.only}
+    for name, flags in configs.items():
+        for seed in args.seeds:
+            run_config(bench, name, flags, seed, args.steps, "classic")
+    columns = [("config", "name", ""), ("params", "params", ",.0f"),
+               ("kv cache bytes/token", "kv_cache_bytes_per_token", ",.0f"),
+               ("final val loss", "final_val_loss", ".4f"), ("best val loss", "best_val_loss", ".4f"),
+               ("tokens/s", "tokens_per_s", ",.0f"), ("train time (s)", "train_time_s", ".1f"),
+               ("runs ok", "runs", "")]
+    report.add(f"## features: {args.steps} steps, classic recipe",
+               markdown_table(mean_over_seeds(bench.results), columns), failure_notes(bench.results))
+
+
+def features_plan(args):
+    runs = len([n for n in FEATURES if n in args.only]) * len(args.seeds)
+    return runs, runs * args.steps
+
+
+def sweep_points(opt, best_lr):
+    """(name, flags, value) for each point of an optimizer's grid; best_lr: the best --learning_rate per optimizer."""
+    grid = LR_GRID[opt]
+    fixed = dict(grid.get("fixed", {}))
+    if "learning_rate_from" in grid:
+        fixed["learning_rate"] = best_lr.get(grid["learning_rate_from"], FALLBACK_LR)
+    base = ["--optimizer", opt] + [t for k, v in fixed.items() for t in (f"--{k}", f"{v:g}")]
+    return [(f"sweep_{opt}_{v:g}", base + [f"--{grid['flag']}", f"{v:g}"], v) for v in grid["values"]]
+
+
+def optimizers_suite(bench, args, report):
+    opts = [o for o in LR_GRID if o in args.only]
+    best_flags, best_lr, sweep_rows, sweep_results = {}, {}, [], []
+    for opt in opts:
+        points = []
+        for name, flags, value in sweep_points(opt, best_lr):
+            label = f"sweep {opt} {LR_GRID[opt]['flag']}={value:g} seed {args.seeds[0]}"
+            r = run_config(bench, name, flags, args.seeds[0], args.sweep_steps, "classic", label=label)
+            points.append((r, flags))
+        finite = [(r, f) for r, f in points if r["ok"] and math.isfinite(r["final_val_loss"])]
+        best = min(finite, key=lambda p: p[0]["final_val_loss"]) if finite else (None, None)
+        if best[0] is not None:
+            best_flags[opt] = best[1]
+            if "--learning_rate" in best[1]:
+                best_lr[opt] = float(best[1][best[1].index("--learning_rate") + 1])
+        sweep_rows += [dict(r, optimizer=opt, chosen=r is best[0]) for r, _ in points]
+        sweep_results += [r for r, _ in points]
+    sweep_columns = [("optimizer", "optimizer", ""), ("flags", "flags", ""),
+                     ("final val loss", "final_val_loss", ".4f"), ("best val loss", "best_val_loss", ".4f"),
+                     ("tokens/s", "tokens_per_s", ",.0f"), ("chosen", "chosen", "")]
+    report.add(f"## optimizers: learning-rate sweep, {args.sweep_steps} steps, seed {args.seeds[0]}",
+               markdown_table(sweep_rows, sweep_columns), failure_notes(sweep_results))
+    finals = []
+    for opt in opts:
+        if opt not in best_flags:
+            print(f"{opt}: every sweep run failed; no full run", flush=True)
+            bench.progress.skip(len(args.seeds), len(args.seeds) * args.steps)
+            continue
+        for seed in args.seeds:
+            finals.append(run_config(bench, opt, best_flags[opt], seed, args.steps, "classic"))
+    rows = mean_over_seeds(finals)
+    adamw = next((r for r in rows if r["name"] == "adamw" and "final_val_loss" in r), None)
+    for r in rows:
+        r["best_flags"] = " ".join(best_flags[r["name"]][2:])  # without the leading --optimizer X
+        if adamw and "final_val_loss" in r:
+            r["delta"] = r["final_val_loss"] - adamw["final_val_loss"]
+    columns = [("optimizer", "name", ""), ("best lr flags", "best_flags", ""),
+               ("final val loss", "final_val_loss", ".4f"), ("delta vs adamw", "delta", "+.4f"),
+               ("state bytes", "state_bytes", ",.0f"), ("state / AdamW", "state_ratio", ".3f"),
+               ("tokens/s", "tokens_per_s", ",.0f"), ("runs ok", "runs", "")]
+    report.add(f"## optimizers: {args.steps} steps at the best rate, classic recipe", markdown_table(rows, columns),
+               failure_notes(finals))
+
+
+def optimizers_plan(args):
+    opts = [o for o in LR_GRID if o in args.only]
+    sweeps = sum(len(LR_GRID[o]["values"]) for o in opts)
+    return sweeps + len(opts) * len(args.seeds), sweeps * args.sweep_steps + len(opts) * len(args.seeds) * args.steps
+
+
+def recipes_suite(bench, args, report):
+    recipes = [r for r in RECIPES if r in args.only]
+    runs = [run_config(bench, recipe, [], seed, args.steps, recipe)
+            for seed in args.seeds for recipe in recipes]
+    target = "1.88 (the preset's)" if args.target is None else f"{args.target:g}"
+    columns = [("recipe", "name", ""), ("seed", "seed", "d"), ("reached", "reached", ""), ("step", "reached_step", "d"),
+               ("train time (s)", "reached_time_s", ".1f"), ("tokens", "reached_tokens", ",.0f"),
+               ("best val loss", "best_val_loss", ".4f"), ("final val loss", "final_val_loss", ".4f")]
+    if runs:
+        report.add(f"## recipes: classic vs speedrun, up to {args.steps} steps, target val loss {target}",
+                   markdown_table(runs, columns), failure_notes(runs))
+    summary = []
+    for recipe in recipes:
+        mine = [r for r in runs if r["name"] == recipe]
+        hit = [r for r in mine if r["ok"] and r["reached"]]
+        summary.append(dict(name=recipe, reached=f"{len(hit)}/{len(mine)}",
+                            time=mean([r["reached_time_s"] for r in hit]), step=mean([r["reached_step"] for r in hit]),
+                            tokens=mean([r["reached_tokens"] for r in hit]),
+                            best=mean([r["best_val_loss"] for r in mine if r["ok"]])))
+    times = {s["name"]: s["time"] for s in summary}
+    ratio = times["speedrun"] / times["classic"] if times.get("speedrun") is not None and times.get("classic") \
+        else None
+    if summary:
+        columns = [("recipe", "name", ""), ("reached", "reached", ""), ("mean time to target (s)", "time", ".1f"),
+                   ("mean step", "step", ".0f"), ("mean tokens", "tokens", ",.0f"),
+                   ("mean best val loss", "best", ".4f")]
+        ratio_text = f"{ratio:.3f}" if ratio is not None else "n/a (needs both recipes to reach the target)"
+        report.add("## recipes: mean over seeds (times over the runs that reached the target)",
+                   markdown_table(summary, columns), f"speedrun / classic mean time to target: {ratio_text}")
+    if args.ablate:
+        ablations_suite(bench, args, report, next((r for r in runs if r["name"] == "speedrun"), None))
+
+
+def ablations_suite(bench, args, report, full):
+    seed = args.seeds[0]
+    rows = [run_config(bench, f"ablate_{name}", flags, seed, args.steps, "speedrun",
+                       label=f"speedrun ablation {name} seed {seed}")
+            for name, flags in ABLATIONS.items() if name in args.only]
+    base = full if full and full["ok"] else None
+    for r in rows:
+        if r["ok"] and base:
+            r["delta_best"] = r["best_val_loss"] - base["best_val_loss"]
+            if r["reached"] and base["reached"]:
+                r["delta_time"] = r["reached_time_s"] - base["reached_time_s"]
+    shown = ([dict(base, name="speedrun (full)", flags="")] if base else []) + rows
+    columns = [("ablation", lambda r: r["name"].removeprefix("ablate_"), ""), ("flags", "flags", ""),
+               ("reached", "reached", ""), ("step", "reached_step", "d"),
+               ("time to target (s)", "reached_time_s", ".1f"), ("best val loss", "best_val_loss", ".4f"),
+               ("delta time (s)", "delta_time", "+.1f"), ("delta best val loss", "delta_best", "+.4f")]
+    report.add(f"## recipes: speedrun ablations, seed {seed} (deltas vs the full speedrun)",
+               markdown_table(shown, columns), failure_notes(rows))
+
+
+def recipes_plan(args):
+    runs = len([r for r in RECIPES if r in args.only]) * len(args.seeds)
+    if args.ablate:
+        runs += len([a for a in ABLATIONS if a in args.only])
+    return runs, runs * args.steps
+
+
+SUITES = {"features": (features_suite, features_plan), "optimizers": (optimizers_suite, optimizers_plan),
+          "recipes": (recipes_suite, recipes_plan)}
+
+
+# --- report
+
+class Report:
+    """Markdown sections: each is printed when added, and the whole report is rewritten to `path` (and the runs
+    to the .json beside it), so an interrupted benchmark keeps what it measured."""
+
+    def __init__(self, path, header, bench):
+        self.path, self.sections, self.bench = path, [], bench
+        self.add(*header)
+
+    def add(self, *parts):
+        text = "\n\n".join(p for p in parts if p)
+        print("\n" + text + "\n", flush=True)
+        self.sections.append(text)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write("\n\n".join(self.sections) + "\n")
+        with open(os.path.splitext(self.path)[0] + ".json", "w", encoding="utf-8") as f:
+            json.dump(self.bench.results, f, indent=1)
+
+
+# --- command line
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--suite", required=True, choices=list(SUITES), help="which suite to run")
+    parser.add_argument("--data", default=None, help=f"directory with train_*.bin and val_*.bin "
+                        f"(default {DEFAULT_DATA} in the repository)")
+    parser.add_argument("--steps", type=int, default=2000,
+                        help="--max_iters of every run (recipes: the most steps to reach the target); default 2000")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds (default: 1337 for features and optimizers, 1337 1338 1339 for recipes)")
+    parser.add_argument("--sweep_steps", type=int, default=300, help="steps of each optimizers sweep run; default 300")
+    parser.add_argument("--eval_interval", type=int, default=None, help="default 250 (recipes: 50)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="recipes: --target_val_loss of every run (default: the preset's, 1.88)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="recipes: also run speedrun with each of its features off, one at a time (first seed)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
+                        help="run only these configs (features: config names; optimizers: optimizer names; recipes: "
+                             "classic, speedrun and ablation names)")
+    parser.add_argument("--extra", default="", help='flags appended to every run, e.g. "--n_layer 1 --n_embd 32"')
+    parser.add_argument("--out", default=None, help="markdown file for the tables (default <log_dir>/results.md)")
+    parser.add_argument("--log_dir", default=None, help="run logs (default logs/bench_<suite>_<timestamp>)")
+    return parser
+
+
+def resolve_args(parser, argv):
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    defaults = SUITE_DEFAULTS[args.suite]
+    args.seeds = args.seeds or defaults["seeds"]
+    args.eval_interval = defaults["eval_interval"] if args.eval_interval is None else args.eval_interval
+    if args.steps <= 0 or args.sweep_steps <= 0 or args.eval_interval < 0:
+        parser.error("--steps and --sweep_steps must be positive and --eval_interval >= 0")
+    if args.ablate and args.suite != "recipes":
+        parser.error("--ablate applies to --suite recipes")
+    if args.target is not None and args.suite != "recipes":
+        parser.error("--target applies to --suite recipes (features and optimizers run all steps)")
+    valid = suite_names(args.suite)
+    unknown = [n for n in args.only or [] if n not in valid]
+    if unknown:
+        parser.error(f"--only {' '.join(unknown)}: not in suite {args.suite}; choose from {' '.join(valid)}")
+    args.only = set(args.only or valid)
+    args.data = os.path.abspath(args.data) if args.data else str(ROOT / DEFAULT_DATA)
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    args.log_dir = os.path.abspath(args.log_dir or ROOT / "logs" / f"bench_{args.suite}_{stamp}")
+    args.out = os.path.abspath(args.out) if args.out else os.path.join(args.log_dir, "results.md")
+    return args
+
+
+def header(args):
+    shown = " ".join(shlex.quote(a) for a in args.argv)
+    lines = [f"# benchmark: {args.suite}", machine_line(),
+             f"command: `python records/benchmark.py {shown}`",
+             f"steps {args.steps}, seeds {' '.join(map(str, args.seeds))}, eval_interval {args.eval_interval}, "
+             f"data {args.data}, logs {args.log_dir}" + (f", extra `{args.extra}`" if args.extra else "")]
+    recipes = ["classic"] if args.suite != "recipes" else ["classic", "speedrun"]
+    steps = [args.steps] + ([args.sweep_steps] if args.suite == "optimizers" else [])
+    scaled = [f"{recipe} at {n} steps: {' '.join(schedule_flags(recipe, n))}"
+              for recipe in recipes for n in steps if schedule_flags(recipe, n)]
+    if scaled:
+        lines.append("note: warmup/warmdown scaled to fit short runs: " + "; ".join(scaled))
+    return ["\n".join(lines[:1] + [""] + [f"- {line}" for line in lines[1:]])]
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = resolve_args(parser, argv)
+    if not (list(Path(args.data).glob("train_*.bin")) and list(Path(args.data).glob("val_*.bin"))):
+        print(f"error: no train_*.bin and val_*.bin in {args.data}; {DATA_HINT}", file=sys.stderr)
+        return 2
+    suite, plan = SUITES[args.suite]
+    bench = Bench(args, Progress(*plan(args)))
+    report = Report(args.out, header(args), bench)
+    try:
+        suite(bench, args, report)
+    except KeyboardInterrupt:
+        print(f"interrupted after {len(bench.results)} runs; the tables so far are in {args.out}", file=sys.stderr)
+        return 130
+    failed = [r for r in bench.results if not r["ok"]]
+    print(f"{len(bench.results)} runs, {len(failed)} failed, in {fmt_duration(time.time() - bench.progress.start)}; "
+          f"tables in {args.out}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
