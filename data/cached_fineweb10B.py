@@ -27,7 +27,7 @@ if REPO_ROOT not in sys.path:
 import json  # noqa: E402
 import time  # noqa: E402
 
-from train_gpt import OneLineParser, UsageError, read_shard  # noqa: E402
+from train_gpt import OneLineParser, UsageError, run_cli, read_shard  # noqa: E402
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 MAX_TRAIN_SHARDS = 103
@@ -110,8 +110,4 @@ def main(argv=None, download=hf_download):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

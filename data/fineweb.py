@@ -40,7 +40,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from train_gpt import OneLineParser, UsageError, gpt2_encoding, write_shard  # noqa: E402
+from train_gpt import OneLineParser, UsageError, run_cli, gpt2_encoding, write_shard  # noqa: E402
 
 EOT = 50256  # <|endoftext|>
 BATCH_DOCS = 256  # documents handed to the pool at a time: the next batch is read while this one is encoded
@@ -247,8 +247,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

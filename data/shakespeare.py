@@ -52,7 +52,7 @@ import urllib.request  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from train_gpt import OneLineParser, UsageError, gpt2_encoding, write_shard  # noqa: E402
+from train_gpt import OneLineParser, UsageError, run_cli, gpt2_encoding, write_shard  # noqa: E402
 
 TINY_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_CHARS = 1115394
@@ -221,8 +221,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)
