@@ -212,9 +212,13 @@ def test_run_stops_when_target_is_reached(tmp_path, char_data):
     assert last.startswith(f"target val_loss 2.2000 reached at step:{result['reached']} train_time:")
 
 
-def test_two_process_torchrun_matches_one_process(tmp_path, char_data):
+@pytest.mark.parametrize("recipe, features", [
+    ("speedrun", dict(n_kv_head=1, mtp_enabled=True, mtp_max_steps=3, mtp_rampup_steps=4)),  # Muon, GQA, MTP
+    ("classic", dict(optimizer="adamsn"))])
+def test_two_process_torchrun_matches_one_process(tmp_path, char_data, recipe, features):
     """2 Gloo processes with one micro-batch each == 1 process accumulating two micro-batches."""
-    common = dict(max_iters=8, eval_interval=4, grad_accum_steps=2, dropout=0.0, timing_warmup_steps=0)
+    common = dict(max_iters=8, eval_interval=4, grad_accum_steps=2, dropout=0.0, timing_warmup_steps=0,
+                  recipe=recipe, warmup_iters=2, warmdown_iters=2, **features)
     one = str(tmp_path / "one")
     train_gpt.main(tiny_args(char_data, one, **common))
     two = str(tmp_path / "two")
