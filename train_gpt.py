@@ -126,7 +126,7 @@ PRESETS = {
     "shakespeare_char": dict(
         input_bin="data/shakespeare_char/train_*.bin", input_val_bin="data/shakespeare_char/val_*.bin",
         n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, grad_accum_steps=1,
-        max_iters=2000, dropout=0.0, eval_interval=100, log_interval=50, target_val_loss=1.88),
+        max_iters=2000, dropout=0.0, eval_interval=100, log_interval=50, target_val_loss=1.90),
     # GPT-2 small on FineWeb10B: the NanoGPT speedrun's track 1.
     "gpt2_124m": dict(
         input_bin="data/fineweb10B/fineweb_train_*.bin", input_val_bin="data/fineweb10B/fineweb_val_*.bin",
