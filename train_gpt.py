@@ -492,7 +492,8 @@ class ValidationSet:
     def __init__(self, pattern, batch_size, seq_len, val_tokens, vocab_size):
         files = find_shards(pattern, "validation")
         check_shards(files, vocab_size, batch_size * seq_len + MAX_OFFSET)
-        tokens = np.concatenate([np.asarray(read_shard(p)) for p in files]) if len(files) > 1 else read_shard(files[0])
+        tokens = (np.concatenate([np.asarray(read_shard(p)) for p in files]) if len(files) > 1
+                  else read_shard(files[0]))
         self.n_windows = min(val_tokens, len(tokens) - MAX_OFFSET) // seq_len
         self.tokens = tokens[:self.n_windows * seq_len + MAX_OFFSET]
         self.B, self.T = batch_size, seq_len
@@ -719,7 +720,8 @@ class GPT(nn.Module):
 def gpt_config(cfg, n_kv_head, vocab_size):
     """The model config that the resolved hyperparameters describe (embd_scale applied)."""
     n_embd = scaled_width(cfg.n_embd, cfg.n_head, cfg.embd_scale) if cfg.embd_scale != 1.0 else cfg.n_embd
-    return GPTConfig(vocab_size=padded_vocab(vocab_size), real_vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+    return GPTConfig(vocab_size=padded_vocab(vocab_size), real_vocab_size=vocab_size, block_size=cfg.block_size,
+                     n_layer=cfg.n_layer,
                      n_head=cfg.n_head, n_kv_head=n_kv_head, n_embd=n_embd, dropout=cfg.dropout,
                      pos_emb=cfg.pos_emb, norm=cfg.norm, mlp=cfg.mlp, bias=cfg.bias, qk_norm=cfg.qk_norm,
                      tie_embeddings=cfg.tie_embeddings, logit_softcap=cfg.logit_softcap, zero_init=cfg.zero_init,
@@ -1695,7 +1697,8 @@ def sample_main(sampling):
         payload = torch.load(sampling.sample, map_location="cpu", weights_only=True)
         gcfg = GPTConfig(**payload["model_config"])
     except Exception as e:  # any unreadable checkpoint is reported the same way
-        raise UsageError(f"--sample {sampling.sample}: not a model saved by train_gpt.py ({type(e).__name__})") from None
+        raise UsageError(f"--sample {sampling.sample}: not a model saved by train_gpt.py "
+                         f"({type(e).__name__})") from None
     model = GPT(gcfg)
     model.load_state_dict(payload["model"])
     model.eval()

