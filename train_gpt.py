@@ -13,6 +13,7 @@ Launch:
 Sections follow the data: configuration, data, model, optimizers, training loop, logging, main.
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -1326,7 +1327,7 @@ class Trainer:
             x, y = self.train_loader.next_batch()
             x, y = self.to_device(x), self.to_device(y)
             sync = micro == self.accum_per_rank - 1
-            context = self.model.no_sync() if self.world_size > 1 and not sync else _nullcontext()
+            context = self.model.no_sync() if self.world_size > 1 and not sync else contextlib.nullcontext()
             with context:
                 with self.autocast():
                     loss, main, _ = self.model(x, y)
@@ -1364,7 +1365,6 @@ class Trainer:
         snap = self.snapshot()
         for step in range(self.cfg.timing_warmup_steps):
             self.train_step(step)
-        next(self.val_set.batches(0, 1, self.gcfg.mtp_steps))  # touches the val data
         self.evaluate_one_batch()
         self.restore(snap)
 
@@ -1537,14 +1537,6 @@ def outcome_line(target, result):
                 f"train_time:{result['train_time_ms']:.0f}ms")
     return (f"target val_loss {target:.4f} not reached: best val_loss {result['best_val_loss']:.4f} "
             f"at step:{result['best_step']}")
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def json_free_copy(state):
