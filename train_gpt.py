@@ -86,9 +86,11 @@ class Hyperparameters:
     batch_size: int = 12  # sequences per micro-batch per process
     grad_accum_steps: int = 1  # micro-batches per optimizer step, summed over all processes
     max_iters: int = 2000
-    learning_rate: Optional[float] = None  # Adam-family learning rate
+    learning_rate: Optional[float] = None  # Adam-family rate; also sets AdamSN/Adafactor weight decay (see below)
     muon_lr: float = 0.05  # Muon learning rate for hidden matrices
-    sn_lr: float = 0.0  # AdamSN learning rate for hidden matrices (0: 10 * learning_rate)
+    sn_lr: float = 0.0  # AdamSN learning rate for hidden matrices (0: SN_LR_MULTIPLIER * learning_rate)
+    adafactor_lr: float = 0.03  # Adafactor's rate for every parameter: the relative-step cap, or the plain rate
+    adafactor_relative_step: bool = True  # False: a plain adafactor_lr, no relative step, no parameter-RMS scaling
     beta1: float = 0.9
     beta2: Optional[float] = None
     weight_decay: Optional[float] = None
@@ -154,6 +156,9 @@ RECIPES = {
         schedule="wsd", warmup_iters=0, warmdown_iters=None, min_lr_ratio=0.0),
 }
 WARMDOWN_FRACTION = 0.4  # speedrun: share of max_iters spent in the final linear decay
+# AdamSN's default --sn_lr as a multiple of --learning_rate: its denominator, the root of a sum of n squared
+# gradients, is about sqrt(n) times Adam's per-coordinate one; 15x won the 2000-step sweep (records/bench_optimizers.md)
+SN_LR_MULTIPLIER = 15.0
 
 # A recipe's own settings on a preset, where they differ from the preset's (the speedrun's schedule is tuned to a
 # shorter budget; see README, The speedrun recipe, for the runs that chose these).
@@ -286,11 +291,11 @@ def validate_config(cfg, world_size):
     if cfg.grad_accum_steps % world_size:
         raise UsageError(f"--grad_accum_steps {cfg.grad_accum_steps} is not divisible by the {world_size} processes: "
                          f"use a multiple of {world_size} so every process gets the same share of the batch")
-    for name in ("learning_rate", "muon_lr"):
+    for name in ("learning_rate", "muon_lr", "adafactor_lr"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(cfg, name)}")
     if cfg.sn_lr < 0:
-        raise UsageError(f"--sn_lr must be positive (or 0 for 10 * learning_rate), got {cfg.sn_lr}")
+        raise UsageError(f"--sn_lr must be positive (or 0 for {SN_LR_MULTIPLIER:g} * learning_rate), got {cfg.sn_lr}")
     if not 0 <= cfg.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.mtp_enabled and not 2 <= cfg.mtp_max_steps <= 4:
@@ -961,7 +966,7 @@ class AdamSN(torch.optim.Optimizer):
 
     Param groups are expected like
         [{"params": hidden_mats, "subset_norm": True, "lr": sn_lr}, {"params": others, "lr": adam_lr}].
-    The reference suggests a subset-norm lr about 10x the coordinate-wise Adam lr.
+    The reference suggests a subset-norm lr about 10x the coordinate-wise Adam lr; build_optimizers uses 15x.
 
     Differences from the reference code: eps is added to the bias-corrected sqrt(v), as in Kingma & Ba and
     torch.optim.AdamW, and weight decay is applied before the step, as in AdamW.
@@ -1116,7 +1121,8 @@ class Adafactor(torch.optim.Optimizer):
                     row, col = state["row"], state["col"]
                     row.mul_(beta2).add_(sq.sum(dim=-1, keepdim=True), alpha=1 - beta2)
                     col.mul_(beta2).add_(sq.sum(dim=-2, keepdim=True), alpha=1 - beta2)
-                    v = row @ col / row.sum(dim=-2, keepdim=True)
+                    # normalise R before the outer product: R C^T alone can underflow fp32 (eps1^2 = 1e-60)
+                    v = (row / row.sum(dim=-2, keepdim=True)) @ col
                 else:
                     v = state["v"]
                     v.mul_(beta2).add_(sq, alpha=1 - beta2)
@@ -1155,8 +1161,15 @@ def param_groups_for(model):
 
 def build_optimizers(model, cfg, device):
     """The optimizers --optimizer names, each group remembering its peak lr as 'initial_lr'. Weight decay goes to
-    matrices and embeddings only. Muon, AdamSN and Adafactor treat the hidden matrices their own way and give
-    embeddings, head and 1-D parameters the Adam-family treatment with --learning_rate."""
+    matrices and embeddings only. Muon and AdamSN treat the hidden matrices their own way and give embeddings, head
+    and 1-D parameters the Adam-family treatment with --learning_rate; Adafactor runs every parameter at
+    --adafactor_lr.
+
+    Decoupled weight decay shrinks a parameter by lr * weight_decay per step, so a group with a 15-50x larger rate
+    would decay 15-50x harder than under AdamW. AdamSN's subset-norm group and Adafactor's groups therefore get
+    weight_decay * learning_rate / their lr: every decayed matrix shrinks by the same 1 - lr_t * weight_decay per
+    step as under AdamW at --learning_rate (the README's optimizer section shows what the stronger decay cost).
+    Muon keeps torch.optim.Muon's lr * weight_decay with its own rate."""
     hidden, embed_head, vectors = param_groups_for(model)
     betas, wd, lr = (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.learning_rate
     fused = device.type == "cuda"
@@ -1170,12 +1183,15 @@ def build_optimizers(model, cfg, device):
                       torch.optim.AdamW([dict(params=embed_head, weight_decay=wd), dict(params=vectors,
                                         weight_decay=0.0)], lr=lr, betas=betas, eps=1e-8, fused=fused)]
     elif cfg.optimizer == "adamsn":
-        optimizers = [AdamSN([dict(params=hidden, subset_norm=True, lr=cfg.sn_lr or 10 * lr, weight_decay=wd),
+        sn_lr = cfg.sn_lr or SN_LR_MULTIPLIER * lr
+        optimizers = [AdamSN([dict(params=hidden, subset_norm=True, lr=sn_lr, weight_decay=wd * lr / sn_lr),
                               dict(params=embed_head, weight_decay=wd), dict(params=vectors, weight_decay=0.0)],
                              lr=lr, betas=betas, eps=1e-8)]
-    elif cfg.optimizer == "adafactor":  # relative step sizes: lr caps the step, scaled by each parameter's RMS
-        optimizers = [Adafactor([dict(params=hidden + embed_head, weight_decay=wd),
-                                 dict(params=vectors, weight_decay=0.0)], lr=lr)]
+    elif cfg.optimizer == "adafactor":  # the paper's algorithm for every parameter, with its own rate
+        af_lr, relative = cfg.adafactor_lr, cfg.adafactor_relative_step
+        optimizers = [Adafactor([dict(params=hidden + embed_head, weight_decay=wd * lr / af_lr),
+                                 dict(params=vectors, weight_decay=0.0)], lr=af_lr, relative_step=relative,
+                                scale_parameter=relative)]
     else:
         raise UsageError(f"--optimizer {cfg.optimizer}: valid choices are {', '.join(CHOICES['optimizer'])}")
     for opt in optimizers:

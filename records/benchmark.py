@@ -7,14 +7,15 @@ with --run_id <suite>_<name>_<seed>, --seed, --max_iters <steps>, --eval_interva
 Suites:
   features    --recipe classic, all steps (--target_val_loss 0): multi-head attention against grouped-query
               attention (with and without --embd_scale) and multi-token prediction.
-  optimizers  --recipe classic, all steps: a learning-rate sweep per optimizer at --sweep_steps (grids in LR_GRID,
-              first seed), then every optimizer at its best rate for --steps on every seed.
+  optimizers  --recipe classic, all steps: a learning-rate sweep per optimizer at --sweep_steps (default --steps;
+              grids in LR_GRID) on --sweep_seed, then every optimizer at its best rate for --steps on every seed
+              (default 1338, a seed the sweep did not choose on; a seed/length the sweep already ran is reused).
   recipes     classic against speedrun to the preset's target val loss (1.88), alternating, for every seed;
               --ablate also runs speedrun with one of its features switched off at a time (first seed).
 
 Usage:
   python records/benchmark.py --suite features [--steps 2000] [--seeds 1337]
-  python records/benchmark.py --suite optimizers [--sweep_steps 300] [--steps 2000]
+  python records/benchmark.py --suite optimizers [--steps 2000] [--sweep_steps 2000] [--seeds 1338]
   python records/benchmark.py --suite recipes [--seeds 1337 1338 1339] [--ablate]
   python records/benchmark.py --suite features --steps 20 --only mha gqa1       # a smoke test of two configs
   python records/benchmark.py --suite recipes --steps 8 --seeds 1 --data /tmp/tiny \\
@@ -70,8 +71,8 @@ LR_GRID = {
     "adamw": dict(flag="learning_rate", values=[1e-3, 2e-3, 4e-3]),
     "adam": dict(flag="learning_rate", values=[1e-3, 2e-3, 4e-3]),
     "muon": dict(flag="muon_lr", values=[0.02, 0.05, 0.1], fixed={"learning_rate": 2e-3}),
-    "adamsn": dict(flag="sn_lr", values=[3e-3, 1e-2, 3e-2], learning_rate_from="adamw"),
-    "adafactor": dict(flag="learning_rate", values=[3e-3, 1e-2, 3e-2]),
+    "adamsn": dict(flag="sn_lr", values=[1e-2, 2e-2, 3e-2, 5e-2], learning_rate_from="adamw"),
+    "adafactor": dict(flag="adafactor_lr", values=[1e-2, 3e-2, 1e-1], learning_rate_from="adamw"),
 }
 FALLBACK_LR = 2e-3
 
@@ -92,7 +93,7 @@ ABLATIONS = {
 
 SUITE_DEFAULTS = {
     "features": dict(seeds=[1337], eval_interval=250),
-    "optimizers": dict(seeds=[1337], eval_interval=250),
+    "optimizers": dict(seeds=[1338], eval_interval=250),
     "recipes": dict(seeds=[1337, 1338, 1339], eval_interval=50),
 }
 
@@ -347,17 +348,17 @@ def sweep_points(opt, best_lr):
 
 def optimizers_suite(bench, args, report):
     opts = [o for o in LR_GRID if o in args.only]
-    best_flags, best_lr, sweep_rows, sweep_results = {}, {}, [], []
+    best_flags, best_run, best_lr, sweep_rows, sweep_results = {}, {}, {}, [], []
     for opt in opts:
         points = []
         for name, flags, value in sweep_points(opt, best_lr):
-            label = f"sweep {opt} {LR_GRID[opt]['flag']}={value:g} seed {args.seeds[0]}"
-            r = run_config(bench, name, flags, args.seeds[0], args.sweep_steps, "classic", label=label)
+            label = f"sweep {opt} {LR_GRID[opt]['flag']}={value:g} seed {args.sweep_seed}"
+            r = run_config(bench, name, flags, args.sweep_seed, args.sweep_steps, "classic", label=label)
             points.append((r, flags))
         finite = [(r, f) for r, f in points if r["ok"] and math.isfinite(r["final_val_loss"])]
         best = min(finite, key=lambda p: p[0]["final_val_loss"]) if finite else (None, None)
         if best[0] is not None:
-            best_flags[opt] = best[1]
+            best_flags[opt], best_run[opt] = best[1], best[0]
             if "--learning_rate" in best[1]:
                 best_lr[opt] = float(best[1][best[1].index("--learning_rate") + 1])
         sweep_rows += [dict(r, optimizer=opt, chosen=r is best[0]) for r, _ in points]
@@ -365,7 +366,7 @@ def optimizers_suite(bench, args, report):
     sweep_columns = [("optimizer", "optimizer", ""), ("flags", "flags", ""),
                      ("final val loss", "final_val_loss", ".4f"), ("best val loss", "best_val_loss", ".4f"),
                      ("tokens/s", "tokens_per_s", ",.0f"), ("chosen", "chosen", "")]
-    report.add(f"## optimizers: learning-rate sweep, {args.sweep_steps} steps, seed {args.seeds[0]}",
+    report.add(f"## optimizers: learning-rate sweep, {args.sweep_steps} steps, seed {args.sweep_seed}",
                markdown_table(sweep_rows, sweep_columns), failure_notes(sweep_results))
     finals = []
     for opt in opts:
@@ -374,6 +375,9 @@ def optimizers_suite(bench, args, report):
             bench.progress.skip(len(args.seeds), len(args.seeds) * args.steps)
             continue
         for seed in args.seeds:
+            if (seed, args.steps) == (args.sweep_seed, args.sweep_steps):  # the sweep already ran this exact run
+                finals.append(dict(best_run[opt], name=opt))
+                continue
             finals.append(run_config(bench, opt, best_flags[opt], seed, args.steps, "classic"))
     rows = mean_over_seeds(finals)
     adamw = next((r for r in rows if r["name"] == "adamw" and "final_val_loss" in r), None)
@@ -385,14 +389,17 @@ def optimizers_suite(bench, args, report):
                ("final val loss", "final_val_loss", ".4f"), ("delta vs adamw", "delta", "+.4f"),
                ("state bytes", "state_bytes", ",.0f"), ("state / AdamW", "state_ratio", ".3f"),
                ("tokens/s", "tokens_per_s", ",.0f"), ("runs ok", "runs", "")]
-    report.add(f"## optimizers: {args.steps} steps at the best rate, classic recipe", markdown_table(rows, columns),
+    seeds = " ".join(map(str, args.seeds))
+    report.add(f"## optimizers: {args.steps} steps at the best rate, classic recipe, seeds {seeds}",
+               markdown_table(rows, columns),
                failure_notes(finals))
 
 
 def optimizers_plan(args):
     opts = [o for o in LR_GRID if o in args.only]
     sweeps = sum(len(LR_GRID[o]["values"]) for o in opts)
-    return sweeps + len(opts) * len(args.seeds), sweeps * args.sweep_steps + len(opts) * len(args.seeds) * args.steps
+    finals = len([s for s in args.seeds if (s, args.steps) != (args.sweep_seed, args.sweep_steps)])
+    return sweeps + len(opts) * finals, sweeps * args.sweep_steps + len(opts) * finals * args.steps
 
 
 def recipes_suite(bench, args, report):
@@ -495,8 +502,10 @@ def build_parser():
     parser.add_argument("--speedrun_steps", type=int, default=None,
                         help="recipes: the speedrun's --max_iters (default: the recipe's own budget on the preset)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="seeds (default: 1337 for features and optimizers, 1337 1338 1339 for recipes)")
-    parser.add_argument("--sweep_steps", type=int, default=300, help="steps of each optimizers sweep run; default 300")
+                        help="seeds (default: 1337 for features, 1338 for optimizers, 1337 1338 1339 for recipes)")
+    parser.add_argument("--sweep_steps", type=int, default=None,
+                        help="optimizers: steps of each sweep run (default: --steps)")
+    parser.add_argument("--sweep_seed", type=int, default=1337, help="optimizers: the sweep's seed; default 1337")
     parser.add_argument("--eval_interval", type=int, default=None, help="default 250 (recipes: 50)")
     parser.add_argument("--target", type=float, default=1.88,
                         help="recipes: --target_val_loss of every run (default 1.88: nanoGPT's figure on "
@@ -518,6 +527,7 @@ def resolve_args(parser, argv):
     defaults = SUITE_DEFAULTS[args.suite]
     args.seeds = args.seeds or defaults["seeds"]
     args.eval_interval = defaults["eval_interval"] if args.eval_interval is None else args.eval_interval
+    args.sweep_steps = args.steps if args.sweep_steps is None else args.sweep_steps
     if args.steps <= 0 or args.sweep_steps <= 0 or args.eval_interval < 0:
         parser.error("--steps and --sweep_steps must be positive and --eval_interval >= 0")
     if args.ablate and args.suite != "recipes":

@@ -78,3 +78,23 @@ def test_markdown_table_formats_and_aligns():
                                  "|:-----|-----:|----------:|",
                                  "| a    | 1.23 | 1,234,567 |",
                                  "| b\\|c |  n/a |         2 |"]
+
+
+def test_optimizers_sweep_picks_the_best_rate_and_reuses_the_run_it_already_made(tmp_path):
+    proc = run_bench(tmp_path, "--suite", "optimizers", "--steps", "4", "--only", "adamw", "adafactor",
+                     "--seeds", "1337")
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads((tmp_path / "logs" / "results.json").read_text())
+    # 3 + 3 sweep runs at seed 1337 and 4 steps; the finals (same seed, same length) are those runs, not new ones
+    assert len(runs) == 6 and all(r["run_id"].startswith("optimizers_sweep_") for r in runs)
+    markdown = (tmp_path / "logs" / "results.md").read_text()
+    headers, sweep = table(markdown, "## optimizers: learning-rate sweep")
+    headers_final, finals = table(markdown, "## optimizers: 4 steps at the best rate")
+    for opt in ("adamw", "adafactor"):
+        rows = [r for r in sweep if r[0] == opt]
+        chosen = min(rows, key=lambda r: float(r[headers.index("final val loss")]))
+        assert chosen[headers.index("chosen")] == "yes"
+        final = next(r for r in finals if r[0] == opt)
+        assert final[headers_final.index("final val loss")] == chosen[headers.index("final val loss")]
+    adafactor_flags = [r[headers.index("flags")] for r in sweep if r[0] == "adafactor"]
+    assert all("--adafactor_lr" in f and "--learning_rate" in f for f in adafactor_flags)

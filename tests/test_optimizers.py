@@ -398,3 +398,49 @@ def test_optimizer_state_bytes():
     assert optimizer_state_bytes(adafactor) == 4 * (64 + 16)
     assert optimizer_state_bytes([muon]) == 4 * 64 * 16
     assert optimizer_state_bytes([adam_sn, adafactor, muon]) == 4 * (64 * 16 + 84 + 80 + 64 * 16)
+
+
+# ---------------------------------------------------------------- the optimizers train_gpt.py builds
+
+def built_optimizers(*flags):
+    cfg, _ = train_gpt.parse_config(["--preset", "shakespeare_char", "--recipe", "classic", "--n_layer", "1",
+                                     "--n_embd", "32", "--n_head", "2", "--block_size", "16", *flags])
+    gcfg = train_gpt.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(gcfg)
+    return cfg, model, train_gpt.build_optimizers(model, cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("flags", [["--optimizer", "adamsn"], ["--optimizer", "adamsn", "--sn_lr", "0.05"],
+                                   ["--optimizer", "adafactor"], ["--optimizer", "adafactor", "--adafactor_lr", "0.1"],
+                                   ["--optimizer", "adafactor", "--adafactor_relative_step", "False"]])
+def test_weight_decay_per_step_matches_adamw_whatever_the_group_rate(flags):
+    """With zero gradients only the decoupled decay moves a parameter: every parameter must end where AdamW at
+    --learning_rate and --weight_decay puts it, although AdamSN's matrices and Adafactor run at larger rates."""
+    common = ["--learning_rate", "2e-3", "--weight_decay", "0.5"]
+    _, ref_model, (adamw,) = built_optimizers("--optimizer", "adamw", *common)
+    cfg, model, optimizers = built_optimizers(*flags, *common)
+    rates = {g["lr"] for opt in optimizers for g in opt.param_groups}
+    assert max(rates) >= 10 * cfg.learning_rate  # the case this is about: some group runs far above --learning_rate
+    before = [p.detach().clone() for p in ref_model.parameters()]
+    for m in (ref_model, model):
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+    adamw.step()
+    for opt in optimizers:
+        opt.step()
+    for (name, got), want in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+    for p, p0 in zip(ref_model.parameters(), before):  # matrices shrank by 1 - lr * wd, vectors did not move
+        factor = 1 - cfg.learning_rate * cfg.weight_decay if p.ndim == 2 else 1.0
+        torch.testing.assert_close(p.detach(), p0 * factor, rtol=1e-6, atol=0)
+
+
+def test_adafactor_flags_reach_the_optimizer():
+    cfg, _, (opt,) = built_optimizers("--optimizer", "adafactor", "--adafactor_lr", "0.07")
+    assert all(g["lr"] == 0.07 and g["relative_step"] and g["scale_parameter"] for g in opt.param_groups)
+    cfg, _, (opt,) = built_optimizers("--optimizer", "adafactor", "--adafactor_relative_step", "False")
+    assert cfg.adafactor_relative_step is False
+    assert all(not g["relative_step"] and not g["scale_parameter"] for g in opt.param_groups)
+    _, _, (opt,) = built_optimizers("--optimizer", "adamsn", "--learning_rate", "1e-3")
+    assert [g["lr"] for g in opt.param_groups] == [train_gpt.SN_LR_MULTIPLIER * 1e-3, 1e-3, 1e-3]

@@ -130,6 +130,7 @@ def test_nanogpt_cpu_command_line_parses():
     (["--grad_accum_steps", "3"], 2, "--grad_accum_steps 3 is not divisible by the 2 processes"),
     (["--n_kv_head", "3"], 1, "--n_kv_head 3 must divide n_head 4"),
     (["--learning_rate", "-1"], 1, "--learning_rate must be positive"),
+    (["--adafactor_lr", "0"], 1, "--adafactor_lr must be positive"),
 ])
 def test_impossible_combinations_fail_with_one_line(argv, world_size, message):
     cfg, _ = train_gpt.parse_config(argv)
