@@ -65,13 +65,14 @@ FEATURES = {
     "mtp3": ["--mtp_enabled", "--mtp_max_steps", "3"],
 }
 
-# flag: the swept train_gpt.py flag; values: its grid; fixed: other flags for every point of the grid;
+# flag: the swept train_gpt.py flag; values: its grid, or multiples: a grid in multiples of --learning_rate;
+# fixed: other flags for every point of the grid;
 # learning_rate_from: take --learning_rate from that optimizer's best sweep point (FALLBACK_LR when not swept).
 LR_GRID = {
-    "adamw": dict(flag="learning_rate", values=[1e-3, 2e-3, 4e-3]),
-    "adam": dict(flag="learning_rate", values=[1e-3, 2e-3, 4e-3]),
-    "muon": dict(flag="muon_lr", values=[0.02, 0.05, 0.1], fixed={"learning_rate": 2e-3}),
-    "adamsn": dict(flag="sn_lr", values=[1e-2, 2e-2, 3e-2, 5e-2], learning_rate_from="adamw"),
+    "adamw": dict(flag="learning_rate", values=[2e-3, 4e-3, 8e-3]),
+    "adam": dict(flag="learning_rate", values=[2e-3, 4e-3, 8e-3]),
+    "muon": dict(flag="muon_lr", values=[0.02, 0.05, 0.1], learning_rate_from="adamw"),
+    "adamsn": dict(flag="sn_lr", multiples=[10, 15, 25], learning_rate_from="adamw"),
     "adafactor": dict(flag="adafactor_lr", values=[1e-2, 3e-2, 1e-1], learning_rate_from="adamw"),
 }
 FALLBACK_LR = 2e-3
@@ -343,7 +344,8 @@ def sweep_points(opt, best_lr):
     if "learning_rate_from" in grid:
         fixed["learning_rate"] = best_lr.get(grid["learning_rate_from"], FALLBACK_LR)
     base = ["--optimizer", opt] + [t for k, v in fixed.items() for t in (f"--{k}", f"{v:g}")]
-    return [(f"sweep_{opt}_{v:g}", base + [f"--{grid['flag']}", f"{v:g}"], v) for v in grid["values"]]
+    values = grid["values"] if "values" in grid else [round(m * fixed["learning_rate"], 12) for m in grid["multiples"]]
+    return [(f"sweep_{opt}_{v:g}", base + [f"--{grid['flag']}", f"{v:g}"], v) for v in values]
 
 
 def optimizers_suite(bench, args, report):
@@ -397,7 +399,7 @@ def optimizers_suite(bench, args, report):
 
 def optimizers_plan(args):
     opts = [o for o in LR_GRID if o in args.only]
-    sweeps = sum(len(LR_GRID[o]["values"]) for o in opts)
+    sweeps = sum(len(LR_GRID[o].get("values", LR_GRID[o].get("multiples"))) for o in opts)
     finals = len([s for s in args.seeds if (s, args.steps) != (args.sweep_seed, args.sweep_steps)])
     return sweeps + len(opts) * finals, sweeps * args.sweep_steps + len(opts) * finals * args.steps
 
