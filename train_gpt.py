@@ -1174,6 +1174,10 @@ def build_optimizers(model, cfg, device):
     hidden, embed_head, vectors = param_groups_for(model)
     betas, wd, lr = (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.learning_rate
     fused = device.type == "cuda"
+
+    def decay_as_adamw(group_lr):  # the weight_decay that makes group_lr * it equal AdamW's lr * wd
+        return wd * lr / group_lr
+
     decay_groups = [dict(params=hidden + embed_head, weight_decay=wd), dict(params=vectors, weight_decay=0.0)]
     if cfg.optimizer == "adamw":
         optimizers = [torch.optim.AdamW(decay_groups, lr=lr, betas=betas, eps=1e-8, fused=fused)]
@@ -1185,12 +1189,12 @@ def build_optimizers(model, cfg, device):
                                         weight_decay=0.0)], lr=lr, betas=betas, eps=1e-8, fused=fused)]
     elif cfg.optimizer == "adamsn":
         sn_lr = cfg.sn_lr or SN_LR_MULTIPLIER * lr
-        optimizers = [AdamSN([dict(params=hidden, subset_norm=True, lr=sn_lr, weight_decay=wd * lr / sn_lr),
+        optimizers = [AdamSN([dict(params=hidden, subset_norm=True, lr=sn_lr, weight_decay=decay_as_adamw(sn_lr)),
                               dict(params=embed_head, weight_decay=wd), dict(params=vectors, weight_decay=0.0)],
                              lr=lr, betas=betas, eps=1e-8)]
     elif cfg.optimizer == "adafactor":  # the paper's algorithm for every parameter, with its own rate
         af_lr, relative = cfg.adafactor_lr, cfg.adafactor_relative_step
-        optimizers = [Adafactor([dict(params=hidden + embed_head, weight_decay=wd * lr / af_lr),
+        optimizers = [Adafactor([dict(params=hidden + embed_head, weight_decay=decay_as_adamw(af_lr)),
                                  dict(params=vectors, weight_decay=0.0)], lr=af_lr, relative_step=relative,
                                 scale_parameter=relative)]
     else:
@@ -1683,11 +1687,13 @@ def cpu_model():
 
 
 def run_cli(entry):
-    """Runs a command-line entry point: a UsageError becomes one line on stderr and exit code 2."""
+    """Runs a command-line entry point: a UsageError becomes one line on stderr and exit code 2 (under torchrun
+    every rank raises the same one, and rank 0 prints it)."""
     try:
         return entry()
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -1787,11 +1793,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
-        main()
-    except UsageError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        run_cli(main)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)

@@ -393,13 +393,12 @@ def optimizers_suite(bench, args, report):
                ("tokens/s", "tokens_per_s", ",.0f"), ("runs ok", "runs", "")]
     seeds = " ".join(map(str, args.seeds))
     report.add(f"## optimizers: {args.steps} steps at the best rate, classic recipe, seeds {seeds}",
-               markdown_table(rows, columns),
-               failure_notes(finals))
+               markdown_table(rows, columns), failure_notes(finals))
 
 
 def optimizers_plan(args):
     opts = [o for o in LR_GRID if o in args.only]
-    sweeps = sum(len(LR_GRID[o].get("values", LR_GRID[o].get("multiples"))) for o in opts)
+    sweeps = sum(len(sweep_points(o, {})) for o in opts)
     finals = len([s for s in args.seeds if (s, args.steps) != (args.sweep_seed, args.sweep_steps)])
     return sweeps + len(opts) * finals, sweeps * args.sweep_steps + len(opts) * finals * args.steps
 
