@@ -287,42 +287,148 @@ def test_shard_writer_cuts_the_stream(tmp_path):
 
 # --- data/cached_fineweb10B.py
 
+OFFLINE_MESSAGE = ("An error happened while trying to locate the file on the Hub and we cannot find the requested "
+                   "files in the local cache. Please check your connection and try again or make sure your Internet "
+                   "connection is on.")
+
+
+def fake_shard_download(calls):
+    """A download that, like hf_hub_download, keeps a file already at the destination and writes a small shard."""
+    def download(name, out_dir):
+        calls.append(name)
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            train_gpt.write_shard(path, np.arange(100) % 50257)
+    return download
+
+
 def test_fineweb_shard_names():
     assert fineweb.shard_names(2) == ["fineweb_val_000000.bin", "fineweb_train_000001.bin",
                                       "fineweb_train_000002.bin"]
-    names = fineweb.shard_names(fineweb.DEFAULT_TRAIN_SHARDS)
-    assert len(names) == 9 and names[-1] == "fineweb_train_000008.bin"
+    names = fineweb.shard_names(27)
+    assert len(names) == 28 and names[-1] == "fineweb_train_000027.bin"
     assert fineweb.shard_names(0) == ["fineweb_val_000000.bin"]
+
+
+def test_fineweb_shards_needed_from_preset(monkeypatch):
+    # gpt2_124m: 5,000 steps x 64 x 1024 x 8 = 2,621,440,000 tokens, 26.2 shards of 100M
+    assert fineweb.shards_needed("gpt2_124m") == (27, 2_621_440_000)
+    assert fineweb.shards_needed("gpt2_124m", max_iters=500) == (3, 262_144_000)
+    monkeypatch.setitem(train_gpt.PRESETS, "exact", dict(max_iters=10_000, batch_size=10, block_size=1000,
+                                                         grad_accum_steps=1))
+    # exactly one shard's tokens, but the loader leaves part of each shard unread: the last steps need a second one
+    assert fineweb.shards_needed("exact") == (2, 100_000_000)
+    assert fineweb.shards_needed("exact", max_iters=9_000) == (1, 90_000_000)
+    n, why = fineweb.plan(fineweb.build_parser().parse_args(["--max_iters", "100000"]))
+    assert n == fineweb.MAX_TRAIN_SHARDS and "need 528" in why and "more than one pass" in why
+
+
+def test_fineweb_default_count_follows_the_preset(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(train_gpt.PRESETS["gpt2_124m"], "max_iters", 200)  # 104,857,600 tokens: 2 shards
+    calls = []
+    out = tmp_path / "fineweb10B"
+    fineweb.main(["--out_dir", str(out)], download=fake_shard_download(calls))
+    assert calls == fineweb.shard_names(2)
+    assert capsys.readouterr().out.splitlines()[0] == ("val + 2 train shard(s) of 100M tokens: gpt2_124m's 200 steps "
+                                                       "x 524,288 tokens = 104,857,600 tokens")
+    calls.clear()
+    fineweb.main(["--max_iters", "600", "--out_dir", str(out)], download=fake_shard_download(calls))
+    assert calls == ["fineweb_train_000003.bin", "fineweb_train_000004.bin"]  # 314,572,800 tokens
+    assert "= 314,572,800 tokens" in capsys.readouterr().out
+    calls.clear()
+    fineweb.main(["1", "--max_iters", "600", "--out_dir", str(tmp_path / "one")], download=fake_shard_download(calls))
+    assert calls == fineweb.shard_names(1)  # an explicit count wins
+    assert "val + 1 train shard(s), as asked (gpt2_124m's 600 steps" in capsys.readouterr().out
 
 
 def test_fineweb_skips_present_shards(tmp_path, capsys):
     calls = []
-
-    def fake_download(name, out_dir):
-        calls.append(name)
-        train_gpt.write_shard(os.path.join(out_dir, name), np.arange(100) % 50257)
-
     out = tmp_path / "fineweb10B"
     out.mkdir()
     train_gpt.write_shard(str(out / "fineweb_val_000000.bin"), np.arange(10))  # present: skipped
-    (out / "fineweb_train_000001.bin").write_bytes(b"\0" * 100)  # truncated: fetched again
-    fineweb.main(["3", "--out_dir", str(out)], download=fake_download)
+    (out / "fineweb_train_000001.bin").write_bytes(b"\0" * 100)  # truncated: deleted and fetched again
+    (out / "fineweb_train_000002.bin.tmp4242").write_bytes(b"\0" * 2000)  # someone's unfinished write_shard
+    partial = out / ".cache" / "huggingface" / "download"
+    partial.mkdir(parents=True)
+    (partial / "fineweb_train_000003.bin.1a2b3c4d.incomplete").write_bytes(b"\0" * 2000)  # hf's partial download
+    fineweb.main(["3", "--out_dir", str(out)], download=fake_shard_download(calls))
     assert calls == ["fineweb_train_000001.bin", "fineweb_train_000002.bin", "fineweb_train_000003.bin"]
     assert len(shard_tokens(out / "fineweb_val_000000.bin")) == 10
+    assert len(shard_tokens(out / "fineweb_train_000001.bin")) == 100
     meta = train_gpt.load_meta(str(out / "fineweb_train_*.bin"))
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
-    assert "3 shard(s) downloaded, 1 already present" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "fineweb_train_000001.bin is truncated" in printed and "3 shard(s) downloaded, 1 already present" in printed
     calls.clear()
-    fineweb.main(["3", "--out_dir", str(out)], download=fake_download)
+    fineweb.main(["3", "--out_dir", str(out)], download=fake_shard_download(calls))
     assert calls == []
 
 
+def test_fineweb_offline_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    tried = []
+
+    def offline(repo_id, filename, repo_type, local_dir):
+        tried.append((repo_id, filename, repo_type))
+        download_dir = os.path.join(local_dir, ".cache", "huggingface", "download")
+        os.makedirs(download_dir, exist_ok=True)  # what hf_hub_download leaves behind before it gives up
+        open(os.path.join(download_dir, f"{filename}.lock"), "w").close()
+        raise LocalEntryNotFoundError(OFFLINE_MESSAGE)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    for out, present in ((tmp_path / "new", 0), (tmp_path / "half", 1)):
+        if present:  # the val shard and the record hf_hub_download keeps of it
+            (out / ".cache" / "huggingface" / "download").mkdir(parents=True)
+            (out / ".cache" / "huggingface" / "download" / "fineweb_val_000000.bin.metadata").write_text("x\n")
+            train_gpt.write_shard(str(out / "fineweb_val_000000.bin"), np.arange(10))
+        name = fineweb.shard_names(2)[present]
+        monkeypatch.setattr(sys, "argv", ["cached_fineweb10B.py", "2", "--out_dir", str(out)])
+        with pytest.raises(SystemExit) as info:
+            fineweb.run_cli(fineweb.main)
+        assert info.value.code == 2 and tried[-1] == ("kjj0/fineweb10B-gpt2", name, "dataset")
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith(f"error: could not download {name} from huggingface.co/datasets/kjj0/fineweb10B-gpt2 "
+                              "(LocalEntryNotFoundError: An error happened")
+        assert f"`hf download kjj0/fineweb10B-gpt2 {name} --repo-type dataset --local-dir {out}`" in err
+        assert f"https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main/{name}" in err
+        assert f"copy the shards into {out}/" in err
+        # nothing left that was not there before: no folder, no hf bookkeeping, no meta.json
+        if present:
+            assert sorted(os.listdir(out)) == [".cache", "fineweb_val_000000.bin"]
+            assert os.listdir(out / ".cache" / "huggingface" / "download") == ["fineweb_val_000000.bin.metadata"]
+        else:
+            assert not out.exists()
+
+
+def test_fineweb_offline_with_huggingface_hub(tmp_path):
+    # the real huggingface_hub, kept off the network by its offline mode
+    out = tmp_path / "fineweb10B"
+    result = subprocess.run([sys.executable, os.path.join(DATA, "cached_fineweb10B.py"), "1", "--out_dir", str(out)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "could not download fineweb_val_000000.bin" in result.stderr and "hf download" in result.stderr
+    assert not out.exists()
+
+
 def test_fineweb_download_failure_is_one_line(tmp_path):
-    def offline(name, out_dir):
+    def broken(name, out_dir):
         raise ConnectionError("Name or service not known\nmore detail")
 
     with pytest.raises(train_gpt.UsageError, match="fineweb_val_000000.bin") as info:
-        fineweb.fetch(fineweb.shard_names(1), str(tmp_path), download=offline, log=lambda message: None)
-    assert "\n" not in str(info.value) and "network" in str(info.value)
-    with pytest.raises(train_gpt.UsageError, match="1 to 103"):
+        fineweb.fetch(fineweb.shard_names(1), str(tmp_path), download=broken, log=lambda message: None)
+    assert "\n" not in str(info.value) and "(ConnectionError: Name or service not known)" in str(info.value)
+    assert "likewise the other 1 missing shard(s)" in str(info.value)
+
+    def truncated(name, out_dir):
+        (tmp_path / name).write_bytes(b"\0" * 100)
+
+    with pytest.raises(train_gpt.UsageError, match="not a complete shard"):
+        fineweb.fetch(fineweb.shard_names(0), str(tmp_path), download=truncated, log=lambda message: None)
+    assert not (tmp_path / "fineweb_val_000000.bin").exists()
+    with pytest.raises(train_gpt.UsageError, match="0 to 103"):
         fineweb.main(["104", "--out_dir", str(tmp_path)])
+    with pytest.raises(train_gpt.UsageError, match="--max_iters must be a positive integer"):
+        fineweb.main(["--max_iters", "0", "--out_dir", str(tmp_path)])

@@ -1,0 +1,67 @@
+"""run.sh's decisions without GPUs: RUN_SH_GPUS stands in for the GPU count and RUN_SH_DRY_RUN=1 prints the
+commands (the FineWeb fetch, then torchrun or the CPU run) instead of running them."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dry_run(gpus, *args):
+    env = {**os.environ, "RUN_SH_GPUS": str(gpus), "RUN_SH_DRY_RUN": "1",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    return subprocess.run(["bash", os.path.join(ROOT, "run.sh"), *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.mark.parametrize("gpus, args, nproc, fetch_iters", [
+    (8, ["--max_iters=500", "--recipe", "classic"], 8, 500),  # 8 accumulation steps: one each
+    (6, [], 4, 5000),  # 6 does not divide 8: the largest count below that does
+    (16, ["--max_iters", "20"], 8, 20),  # 16 divides the 512 sequences but not the 8 micro-batches
+    (12, ["--grad_accum_steps", "12", "--batch_size", "16"], 12, 5000),  # the passed-through accumulation decides
+])
+def test_gpu_branch(gpus, args, nproc, fetch_iters):
+    result = dry_run(gpus, *args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"python data/cached_fineweb10B.py --preset gpt2_124m --max_iters {fetch_iters}",
+        f"torchrun --standalone --nproc_per_node={nproc} train_gpt.py --preset gpt2_124m {' '.join(args)}".rstrip()]
+    if nproc == gpus:
+        assert result.stderr == ""
+    else:
+        accum = 12 if "--grad_accum_steps" in args else 8
+        assert result.stderr == (f"run.sh: using {nproc} of {gpus} GPUs, the most that split gpt2_124m's {accum} "
+                                 f"micro-batches of 64 sequences per step evenly\n")
+
+
+def test_gpu_branch_passes_the_preset_to_the_fetch():
+    result = dry_run(2, "--preset", "bottlecap", "--max_iters", "100")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "python data/cached_fineweb10B.py --preset bottlecap --max_iters 100",
+        "torchrun --standalone --nproc_per_node=2 train_gpt.py --preset gpt2_124m --preset bottlecap --max_iters 100"]
+
+
+def test_gpu_branch_bad_flag_is_one_line():
+    result = dry_run(4, "--max_iters", "lots")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: --max_iters lots: expected a positive integer\n"
+
+
+def test_cpu_branch():
+    result = dry_run(0, "--max_iters", "5")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "python train_gpt.py --preset shakespeare_char --device cpu --max_iters 5"
+    prepared = os.path.isfile(os.path.join(ROOT, "data", "shakespeare_char", "meta.json"))
+    prepare = "python data/shakespeare.py --mode char --out_dir data/shakespeare_char"
+    assert lines[:-1] == ([] if prepared else [prepare])
+    assert "torchrun" not in result.stdout and "cached_fineweb10B" not in result.stdout
+
+
+def test_bad_gpu_override():
+    result = dry_run("two")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: RUN_SH_GPUS=two is not a GPU count: unset it, or set a whole number\n"
