@@ -41,7 +41,7 @@ FAKE_SOURCE = (
 def make_log_text(
     val_losses=(3.5, 2.4, 1.95, 1.8712),
     every=50,
-    total_steps=2000,
+    total_steps=None,
     ms_per_step=40,
     source=FAKE_SOURCE,
     target=TARGET,
@@ -50,27 +50,33 @@ def make_log_text(
     final="reached",
     sha=None,
 ):
-    """Well-formed log: val at steps 0, every, 2*every, ...; train lines between.
+    """Well-formed log: val lines at steps 0, every, 2*every, ... (eval_interval = every), train lines every
+    every//2 steps (log_interval). total_steps (max_iters) defaults to the last val step: a run of its whole
+    budget; a larger total_steps makes a run that stopped at the target.
 
     final: "reached", "not_reached" or None (no final line, i.e. truncated run).
     """
     assert source.endswith("\n")
+    last_step = (len(val_losses) - 1) * every
+    total_steps = total_steps or last_step
+    log_every = max(1, every // 2)
     sha = sha or hashlib.sha256(source.encode("utf-8")).hexdigest()
     lines = [
         SEP,
         f"code_sha256:{sha}",
-        "python: 3.11.7",
-        "torch: 2.13.0+cpu",
-        "hardware: cpu x2",
+        "python:3.11.7 torch:2.13.0+cpu cuda:none numpy:2.4.6",
+        "cpu: Test CPU (2 logical cores, torch threads 2)",
         f"target_val_loss: {target}",
         f"val_tokens: {val_tokens}",
         f"tokens_per_step: {tokens_per_step}",
-        f"num_iterations: {total_steps}",
+        f"max_iters: {total_steps}",
+        f"eval_interval: {every}",
+        f"log_interval: {log_every}",
     ]
     for i, vl in enumerate(val_losses):
         step = i * every
         if step > 0:
-            for s in range(step - every + 1, step + 1, max(1, every // 2)):
+            for s in range(step - every + log_every, step + 1, log_every):
                 t = s * ms_per_step
                 lines.append(
                     f"step:{s}/{total_steps} train_loss:{vl + 0.05:.4f} train_time:{t}ms "
@@ -81,13 +87,13 @@ def make_log_text(
         lines.append(
             f"step:{step}/{total_steps} val_loss:{vl:.4f} train_time:{t}ms step_avg:{avg:.2f}ms"
         )
-    last_step = (len(val_losses) - 1) * every
     last_t = last_step * ms_per_step
     if final == "reached":
         lines.append(f"target val_loss {target:.4f} reached at step:{last_step} train_time:{last_t}ms")
     elif final == "not_reached":
         best = min(val_losses)
-        lines.append(f"target val_loss {target:.4f} not reached: best val_loss {best:.4f} at step:{last_step}")
+        best_step = val_losses.index(best) * every
+        lines.append(f"target val_loss {target:.4f} not reached: best val_loss {best:.4f} at step:{best_step}")
     return source + "\n".join(lines) + "\n"
 
 
@@ -118,6 +124,7 @@ def test_wellformed_log_verifies(tmp_path):
     p = write_log(tmp_path)
     r = verify.verify_log(p)
     assert r["ok"], r["reason"]
+    assert r["budget"] == "fixed" and r["max_iters"] == 150
     assert r["final_val_loss"] == pytest.approx(1.8712)
     assert r["train_time_ms"] == 150 * 40
     assert r["step"] == 150
@@ -137,22 +144,40 @@ def test_parse_log_structure():
     assert parsed["final"]["reached"] is True
 
 
-def test_extra_fields_nan_and_resume_accepted(tmp_path):
+def test_extra_fields_nan_checkpoint_and_resume_accepted(tmp_path):
+    """A run killed after its step-50 checkpoint and resumed: the lines the killed process printed after the
+    checkpoint (val 50, train 75) are printed again by the resumed one."""
     text = make_log_text()
-    text = text.replace(
-        "step:50/2000 val_loss:2.4000 train_time:2000ms step_avg:40.00ms",
-        "step:50/2000 val_loss:2.4000 train_time:2000ms step_avg:40.00ms val_mtp2:2.31\n"
-        "checkpoint step:50 train_time:2000ms saved ckpt/run_50.pt\n"
-        "step:60/2000 train_loss:2.1000 train_time:2400ms step_avg:40.00ms\n"  # lost when the run was killed
-        "resume from ckpt/run_50.pt at step:50 train_time:2000ms",
-    )
-    text = text.replace("step:51/2000 train_loss:2.0000", "step:51/2000 train_loss:nan")
+    val50 = "step:50/150 val_loss:2.4000 train_time:2000ms step_avg:40.00ms"
+    train75 = "step:75/150 train_loss:2.0000 train_time:3000ms step_avg:40.00ms tok/s:204800 mfu:n/a"
+    assert val50 in text and train75 in text
+    text = text.replace(val50, "checkpoint step:50 train_time:2000ms saved ckpt/run_50.pt\n"
+                        f"{val50}\n{train75.replace('2.0000', '2.0100')}\n"  # lost when the run was killed
+                        "resume from ckpt/run_50.pt at step:50 train_time:2000ms\n"
+                        f"{val50} val_mtp2:2.31\noptimizer: muon state 1,024 bytes, 0.500 of AdamW's 2,048\n"
+                        "data: pass 2 begins at step:60")
+    text = text.replace("step:125/150 train_loss:2.0000", "step:125/150 train_loss:nan")
     p = write_log(tmp_path, text=text)
     r = verify.verify_log(p)
     assert r["ok"], r["reason"]
-    assert r["n_resumes"] == 1
+    assert r["n_resumes"] == 1 and r["data_passes"] == [(2, 60)]
     forged = text.replace("resume from ckpt/run_50.pt at step:50", "resume from ckpt/run_40.pt at step:50")
-    assert_refused(write_log(tmp_path, "forged.txt", text=forged), "never saved")
+    assert_refused(write_log(tmp_path, "forged", text=forged), "never saved")
+    # without the resumed process's val line for step 50, the finished run lacks it
+    lines = text.split("\n")
+    resumed_val = lines.index(f"{val50} val_mtp2:2.31")
+    kept = lines[:resumed_val] + lines[resumed_val + 1:]
+    next_step = next(i for i in range(resumed_val, len(kept)) if kept[i].startswith("step:"))
+    r = assert_refused(write_log(tmp_path, "dropped", text="\n".join(kept)), "the val line for step:50 is missing")
+    assert r["reason"].startswith(f"line {next_step + 1}:")  # the step line it should come before
+
+
+def test_data_pass_lines_reported(tmp_path):
+    text = make_log_text().replace("step:100/150 val_loss", "data: pass 2 begins at step:100\nstep:100/150 val_loss")
+    r = run_script(VERIFY, write_log(tmp_path, text=text), "--no-stats")
+    assert r.returncode == 0, r.stdout
+    notes = [line for line in r.stdout.splitlines() if line.startswith("note ")]
+    assert len(notes) == 1 and "data repeated (pass 2 at step:100)" in notes[0]
 
 
 def test_tampered_val_line_refused(tmp_path):
@@ -166,7 +191,13 @@ def test_val_line_changed_to_claim_target_refused(tmp_path):
     text = make_log_text(val_losses=(3.5, 2.4, 1.95, 1.91), final="not_reached")
     bad = text.replace("val_loss:1.9100 train_time", "val_loss:1.8700 train_time")
     assert bad != text
-    assert_refused(write_log(tmp_path, text=bad), "not reached")
+    assert_refused(write_log(tmp_path, text=bad), "below the best val_loss 1.9100")
+
+
+def test_val_below_target_before_the_end_refused(tmp_path):
+    text = make_log_text(total_steps=2000)
+    bad = text.replace("val_loss:1.9500", "val_loss:1.8500")
+    assert_refused(write_log(tmp_path, text=bad), "so the run stops here")
 
 
 def test_tampered_code_refused(tmp_path):
@@ -185,8 +216,8 @@ def test_missing_sha_line_refused(tmp_path):
 
 def test_decreasing_train_time_refused(tmp_path):
     text = make_log_text()
-    bad = text.replace("step:100/2000 val_loss:1.9500 train_time:4000ms",
-                       "step:100/2000 val_loss:1.9500 train_time:1000ms")
+    bad = text.replace("step:100/150 val_loss:1.9500 train_time:4000ms",
+                       "step:100/150 val_loss:1.9500 train_time:1000ms")
     assert bad != text
     assert_refused(write_log(tmp_path, text=bad), "decreases")
 
@@ -195,50 +226,75 @@ def test_truncated_run_refused(tmp_path):
     assert_refused(write_log(tmp_path, final=None), "no final")
 
 
-def test_not_reached_refused(tmp_path):
-    assert_refused(write_log(tmp_path, val_losses=(3.5, 2.4, 1.95, 1.91), final="not_reached"),
-                   "not reached")
+def test_not_reached_before_max_iters_refused(tmp_path):
+    r = assert_refused(write_log(tmp_path, val_losses=(3.5, 2.4, 1.95, 1.91), total_steps=2000,
+                                 final="not_reached"), "before max_iters 2000")
+    assert "not reached" in r["reason"]
+
+
+def test_not_reached_full_budget_accepted(tmp_path):
+    """A run of its whole budget that ends above the target is a valid run: the t-test judges the mean."""
+    r = verify.verify_log(write_log(tmp_path, val_losses=(3.5, 2.4, 1.95, 1.91), final="not_reached"))
+    assert r["ok"], r["reason"]
+    assert r["budget"] == "fixed" and r["final_val_loss"] == pytest.approx(1.91)
+
+
+def test_header_without_intervals_refused(tmp_path):
+    text = make_log_text().replace("eval_interval: 50\n", "")
+    assert_refused(write_log(tmp_path, text=text), "no 'eval_interval:' header line")
 
 
 def test_unparseable_step_line_refused(tmp_path):
     text = make_log_text()
-    bad = text.replace("step:50/2000 val_loss:2.4000", "step:50/2000 val_loss:2.4O00")
+    bad = text.replace("step:50/150 val_loss:2.4000", "step:50/150 val_loss:2.4O00")
     assert bad != text
     assert_refused(write_log(tmp_path, text=bad), "unparseable step line")
 
 
 def test_final_line_step_mismatch_refused(tmp_path):
-    text = make_log_text()
+    text = make_log_text(total_steps=2000)
     bad = text.replace("reached at step:150 train_time:6000ms", "reached at step:100 train_time:6000ms")
     assert bad != text
     assert_refused(write_log(tmp_path, text=bad), "last val line")
 
 
+def test_off_grid_line_refused(tmp_path):
+    text = make_log_text()
+    extra = "step:30/150 train_loss:2.4000 train_time:1200ms step_avg:40.00ms tok/s:1 mfu:n/a"
+    bad = text.replace("step:50/150 train_loss", f"{extra}\nstep:50/150 train_loss")
+    assert_refused(write_log(tmp_path, text=bad), "train line for step:30 is off the grid")
+
+
 def test_missing_file_refused(tmp_path):
     assert_refused(tmp_path / "nope.txt", "cannot read")
+    r = run_script(VERIFY, tmp_path / "nope.txt")
+    assert r.returncode == 2 and "nope.txt: no such file" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
-def test_target_override(tmp_path):
-    p = write_log(tmp_path)
-    assert verify.verify_log(p, target=1.9)["ok"]
-    r = verify.verify_log(p, target=1.87)
-    assert not r["ok"] and "not <= target" in r["reason"]
+def test_target_override_is_the_t_test_target(tmp_path):
+    paths = three_logs(tmp_path)
+    results = [verify.verify_log(p, target=1.9) for p in paths]
+    assert all(r["ok"] for r in results)
+    finals = [r["final_val_loss"] for r in results]
+    s = verify.summarize(results, target=1.9)
+    assert s["target"] == 1.9
+    assert s["p"] == pytest.approx(float(stats.ttest_1samp(finals, 1.9, alternative="less").pvalue))
 
 
 # ---------------------------------------------------------------- stats / CLI
 
-def three_logs(tmp_path, finals=(1.8712, 1.8695, 1.8702)):
+def three_logs(tmp_path, finals=(1.8712, 1.8695, 1.8702), total_steps=None):
     paths = []
     for i, v in enumerate(finals):
         paths.append(write_log(tmp_path, name=f"run{i}", val_losses=(3.5, 2.4, 1.95, v),
-                               ms_per_step=40 + i))
+                               ms_per_step=40 + i, total_steps=total_steps))
     return paths
 
 
 def test_pvalue_matches_scipy(tmp_path):
     finals = (1.8712, 1.8695, 1.8702)
     results = [verify.verify_log(p) for p in three_logs(tmp_path, finals)]
-    assert all(r["ok"] for r in results)
+    assert all(r["ok"] and r["budget"] == "fixed" for r in results)
     s = verify.summarize(results)
     expected = stats.ttest_1samp(finals, TARGET, alternative="less").pvalue
     assert s["p"] == pytest.approx(float(expected), rel=1e-9)
@@ -254,6 +310,20 @@ def test_cli_exit_zero_when_significant(tmp_path):
     expected = stats.ttest_1samp((1.8712, 1.8695, 1.8702), TARGET, alternative="less").pvalue
     assert expected < 0.01
     assert f"{expected:.3g}" in r.stdout
+
+
+def test_stop_at_target_runs_get_no_t_test(tmp_path):
+    """The same final val losses from runs that stopped at the target: their time to target is reported, the
+    t-test is refused with the reason, and --no-stats accepts the logs."""
+    paths = three_logs(tmp_path, total_steps=2000)
+    assert stats.ttest_1samp((1.8712, 1.8695, 1.8702), TARGET, alternative="less").pvalue < 0.01
+    r = run_script(VERIFY, *paths)
+    assert r.returncode == 1, r.stdout
+    assert r.stdout.count("(stopped at the target)") == 3
+    assert "time to target: mean 6.15s" in r.stdout
+    refusal = [line for line in r.stdout.splitlines() if line.startswith("p-value")]
+    assert len(refusal) == 1 and "n/a (3 of 3 runs stopped at the target" in refusal[0]
+    assert run_script(VERIFY, *paths, "--no-stats").returncode == 0
 
 
 def test_cli_exit_one_when_not_significant(tmp_path):
@@ -288,6 +358,17 @@ def test_cli_one_bad_log_fails(tmp_path):
     assert r.returncode == 1
     fail_lines = [l for l in r.stdout.splitlines() if l.startswith("FAIL")]
     assert len(fail_lines) == 1 and str(paths[1]) in fail_lines[0] and "sha256" in fail_lines[0]
+
+
+def test_committed_records_verify_but_stop_at_target(tmp_path):
+    """The committed shakespeare_char records are complete, untampered logs of runs that stopped at the target:
+    they verify, and the t-test is refused for them."""
+    logs = sorted((RECORDS / "shakespeare_char").glob("*/*.txt"))
+    assert len(logs) == 6
+    results = [verify.verify_log(p) for p in logs]
+    assert all(r["ok"] and r["budget"] == "stop" for r in results), [r["reason"] for r in results]
+    s = verify.summarize(results)
+    assert s["p"] is None and "stopped at the target" in s["p_reason"]
 
 
 # ---------------------------------------------------------------- plot

@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Submit a record: verify run logs against a track's rules, copy them into records/<track>/<date>_<Name>/ with a
+README.md skeleton, and add the record's row to the track's table in records/README.md, sorted by time.
+
+    python records/submit.py --track shakespeare_char --name MyChange --description "what changed" logs/a.txt ...
+
+The tracks (data, target, val tokens, hardware) are read from the track table in records/README.md, the one place
+they are defined. Any refusal is one line on stderr and exit code 2, and leaves no record folder behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import verify  # noqa: E402
+
+TRACKS_HEADER = ["track", "train data", "val data", "target val loss", "val tokens", "hardware"]
+TABLE_HEADER = "| time | description | date | log | contributors |"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_WHOLE_RE = re.compile(r"^whole split \(([\d,]+)\)$")
+_CPU_CORES_RE = re.compile(r"^(\d+)-core CPU$")
+_TIME_CELL_RE = re.compile(r"^([\d.]+)\s*(ms|s|min|h)\b")
+# Val windows cover the whole split when less than one context window (plus the few tokens held back as shifted
+# targets) is left over.
+VAL_SLACK_TOKENS = 8
+
+
+class Refused(Exception):
+    """One line saying why the submission is refused (exit code 2)."""
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip().strip("`").strip() for c in line.strip().strip("|").split("|")]
+
+
+def read_tracks(readme: str) -> dict:
+    """The track table of records/README.md: name -> train, val (shard globs as a path ending), target (float),
+    val_tokens (('whole', split size) or ('exact', n) or None), cpu_cores (int or None)."""
+    lines = readme.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and [c.lower() for c in _cells(line)] == TRACKS_HEADER:
+            break
+    else:
+        raise Refused("records/README.md has no track table (| track | train data | val data | target val loss "
+                      "| val tokens | hardware |)")
+    tracks = {}
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        name, train, val, target, val_tokens, hardware = (_cells(line) + [""] * 6)[:6]
+        whole = _WHOLE_RE.match(val_tokens)
+        if whole:
+            tokens = ("whole", int(whole.group(1).replace(",", "")))
+        elif re.fullmatch(r"[\d,]+", val_tokens):
+            tokens = ("exact", int(val_tokens.replace(",", "")))
+        else:
+            tokens = None
+        cores = _CPU_CORES_RE.match(hardware)
+        try:
+            target_value = float(target)
+        except ValueError:
+            raise Refused(f"records/README.md track table: target {target!r} of track {name} is not a number")
+        tracks[name] = dict(train=train, val=val, target=target_value, val_tokens=tokens,
+                            cpu_cores=int(cores.group(1)) if cores else None)
+    return tracks
+
+
+def _data_matches(value: str | None, pattern: str) -> bool:
+    return value is not None and (value == pattern or value.endswith("/" + pattern))
+
+
+def check_track(r: dict, name: str, track: dict) -> None:
+    """Raises Refused if a verified log did not run under the track's fixed rules."""
+    header, path = r["parsed"]["header"], r["path"]
+    for key, pattern in (("input_bin", track["train"]), ("input_val_bin", track["val"])):
+        if not _data_matches(header.get(key), pattern):
+            raise Refused(f"{path}: {key} {header.get(key)} is not track {name}'s data (.../{pattern}); "
+                          f"train on that data, or submit to the track this data belongs to")
+    logged = r["header_target"]
+    if logged not in (0, None) and abs(logged - track["target"]) > 1e-9:
+        raise Refused(f"{path}: ran with target_val_loss {logged:g}, track {name}'s target is {track['target']:g} "
+                      f"(run with --target_val_loss 0 to never stop early)")
+    kind = track["val_tokens"]
+    if kind is not None:
+        evaluated = verify.header_int(header, "val_tokens_evaluated")
+        block = verify.header_int(header, "block_size") or 0
+        if kind[0] == "whole" and (evaluated is None or kind[1] - evaluated >= block + VAL_SLACK_TOKENS):
+            raise Refused(f"{path}: validated on {evaluated} tokens, not the whole val split of {kind[1]:,} "
+                          f"(raise --val_tokens to at least {kind[1]})")
+        if kind[0] == "exact" and evaluated != kind[1]:
+            raise Refused(f"{path}: validated on {evaluated} tokens, track {name} uses {kind[1]:,} (--val_tokens)")
+    if track["cpu_cores"] is not None:
+        devices = r["parsed"]["header_all"].get("device", [])
+        cpu = verify._CPU_RE.match(header.get("cpu", ""))
+        if not devices or devices[-1] != "cpu" or cpu is None or int(cpu.group(2)) != track["cpu_cores"]:
+            raise Refused(f"{path}: track {name} runs on a {track['cpu_cores']}-core CPU with no GPU; this log's "
+                          f"device is {devices[-1] if devices else 'unknown'}, its CPU line "
+                          f"{header.get('cpu', 'missing')!r}")
+    if r["budget"] != "fixed":
+        raise Refused(f"{path}: stopped at the target at step:{r['step']} of max_iters {r['max_iters']}; a record "
+                      "runs its whole budget (--target_val_loss 0)")
+
+
+def _row_seconds(row: str):
+    m = _TIME_CELL_RE.match(_cells(row)[0])
+    if not m:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def add_row(readme: str, track: str, row: str) -> str:
+    """records/README.md with `row` added to the track's record table (under '### `track`'), sorted by time."""
+    lines = readme.split("\n")
+    heading = f"### `{track}`"
+    try:
+        start = lines.index(heading)
+    except ValueError:
+        raise Refused(f"records/README.md has no '{heading}' section for the record table") from None
+    i = start + 1
+    while i < len(lines) and not lines[i].startswith("#") and not lines[i].startswith(TABLE_HEADER):
+        i += 1
+    if i >= len(lines) or not lines[i].startswith(TABLE_HEADER):
+        raise Refused(f"records/README.md has no record table ({TABLE_HEADER}) under '{heading}'")
+    first = i + 2
+    end = first
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    rows = [r for r in lines[first:end] if "(none yet)" not in r] + [row]
+    timed = sorted((r for r in rows if _row_seconds(r) is not None), key=_row_seconds)
+    rows = timed + [r for r in rows if _row_seconds(r) is None]
+    return "\n".join(lines[:first] + rows + lines[end:])
+
+
+def record_readme(track: str, spec: dict, name: str, description: str, folder: str, results: list,
+                  summary: dict) -> str:
+    parsed = results[0]["parsed"]
+    first = parsed["header"]
+    shas = sorted({r["code_sha256"] for r in results})
+    budget = sorted({r["max_iters"] for r in results})
+    lines = [
+        f"# {track}: {name}, {summary['time_mean_s']:.1f} s mean train time over {summary['n']} runs",
+        "",
+        description,
+        "",
+        "(What changed against the previous record, why it is faster, and what else was tried.)",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| track | `{track}`: target val loss {spec['target']:g}, data `{spec['train']}`, `{spec['val']}` |",
+        f"| runs | {summary['n']}, each its whole budget of max_iters {', '.join(map(str, budget))} steps |",
+        f"| mean train time | {summary['time_mean_s']:.2f} s (std {summary['time_std_s']:.2f} s) |",
+        f"| mean final val loss | {summary['loss_mean']:.4f} (std {summary['loss_std']:.4f}) |",
+        f"| one-sided t-test, mean < {spec['target']:g} | t = {summary['t']:.3f}, p = {summary['p']:.3g} |",
+        f"| hardware | {first.get('cpu', '(see the logs)')} |",
+        f"| versions | {(parsed['versions'] or {}).get('line', '(see the logs)')} |",
+        f"| code_sha256 | {', '.join(shas)} |",
+        "",
+        "| log | max_iters | train time | final val loss |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        log = Path(r["path"]).name
+        lines.append(f"| [{log}]({log}) | {r['max_iters']} | {r['train_time_ms'] / 1000:.2f} s | "
+                     f"{r['final_val_loss']:.4f} |")
+    steps = max(budget)
+    lines += [
+        "",
+        "## Verify and reproduce",
+        "",
+        "```bash",
+        f"python records/verify.py --target {spec['target']:g} {folder}/*.txt",
+        f"python records/verify.py --target {spec['target']:g} --reproduce {steps} {folder}/*.txt",
+        "```",
+        "",
+        "The second command re-runs every log from its embedded source and header configuration and compares each "
+        "logged loss (records/README.md, Reproducing a run). The data: "
+        f"`{verify.data_hint(spec['train'])}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def submit(args) -> str:
+    records_dir = Path(args.records_dir)
+    readme_path = records_dir / "README.md"
+    try:
+        readme = readme_path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise Refused(f"{readme_path}: cannot read ({e.strerror or e}); pass --records_dir, the records folder")
+    tracks = read_tracks(readme)
+    if args.track not in tracks:
+        raise Refused(f"unknown track {args.track!r}; the tracks in {readme_path} are {', '.join(sorted(tracks))}")
+    spec = tracks[args.track]
+    if not _NAME_RE.match(args.name):
+        raise Refused(f"--name {args.name!r}: use letters, digits, '_' and '-' (e.g. MuonWarmup)")
+    names = [Path(p).name for p in args.logs]
+    if len(set(names)) != len(names):
+        raise Refused("two logs have the same file name; a record folder holds each log under its own name")
+    for p in args.logs:
+        if not Path(p).is_file():
+            raise Refused(f"{p}: no such file; pass run logs such as logs/<run_id>.txt")
+    date = datetime.date.today().isoformat()
+    folder_name = f"{date}_{args.name}"
+    track_dir = records_dir / args.track
+    final_dir = track_dir / folder_name
+    if final_dir.exists():
+        raise Refused(f"{final_dir} already exists; choose another --name")
+
+    results = []
+    for p in args.logs:
+        r = verify.verify_log(p, target=spec["target"])
+        if not r["ok"]:
+            raise Refused(f"{p}: fails verification: {r['reason']}")
+        check_track(r, args.track, spec)
+        results.append(r)
+    summary = verify.summarize(results, target=spec["target"])
+    if summary["p"] is None or summary["p"] >= verify.P_MAX:
+        why = f"p = {summary['p']:.3g}" if summary["p"] is not None else summary["p_reason"]
+        raise Refused(f"the mean final val loss {summary['loss_mean']:.4f} of {summary['n']} runs is not below the "
+                      f"target {spec['target']:g} at p < {verify.P_MAX} ({why}); add runs or lower the loss")
+
+    shown = f"{records_dir.resolve().name}/{args.track}/{folder_name}"  # as run from the folder above records/
+    description = " ".join(args.description.split()).replace("|", "/")
+    row = (f"| {summary['time_mean_s']:.1f} s (mean of {summary['n']}) | {description} | {date} | "
+           f"[logs]({args.track}/{folder_name}) | {args.contributors.replace('|', '/')} |")
+    new_readme = add_row(readme, args.track, row)
+
+    track_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = track_dir / f".{folder_name}.tmp{os.getpid()}"
+    tmp_readme = readme_path.with_name(f".README.md.tmp{os.getpid()}")
+    try:
+        tmp_dir.mkdir()
+        for r in results:
+            src = Path(r["path"])
+            shutil.copy2(src, tmp_dir / src.name)
+            if r["metrics"]:
+                (tmp_dir / src.stem).mkdir()
+                shutil.copy2(r["metrics"], tmp_dir / src.stem / "metrics.jsonl")
+        text = record_readme(args.track, spec, args.name, description, shown, results, summary)
+        (tmp_dir / "README.md").write_text(text, encoding="utf-8")
+        tmp_readme.write_text(new_readme, encoding="utf-8")
+        os.rename(tmp_dir, final_dir)
+        try:
+            os.replace(tmp_readme, readme_path)
+        except OSError:
+            shutil.rmtree(final_dir, ignore_errors=True)
+            raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if tmp_readme.exists():
+            tmp_readme.unlink()
+    return (f"submitted {final_dir}: {summary['n']} runs, mean train time {summary['time_mean_s']:.1f} s, mean final "
+            f"val loss {summary['loss_mean']:.4f}, p = {summary['p']:.3g}; row added to {readme_path}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Verify run logs against a track's rules and add them as a record.")
+    ap.add_argument("logs", nargs="+", metavar="LOG", help="run logs (logs/<run_id>.txt), each its whole budget")
+    ap.add_argument("--track", required=True, help="track name, as in the track table of records/README.md")
+    ap.add_argument("--name", required=True, help="short name of the record, e.g. MuonWarmup")
+    ap.add_argument("--description", default="(describe the change)", help="one line for the record table")
+    ap.add_argument("--contributors", default="(unknown)", help="who made it, for the record table")
+    ap.add_argument("--records_dir", default=str(Path(__file__).resolve().parent),
+                    help="the records folder holding README.md (default: this script's folder, records/)")
+    args = ap.parse_args(argv)
+    try:
+        print(submit(args))
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
