@@ -125,7 +125,7 @@ class Poisoned(torch.nn.Module):
 
 def test_nan_step_applies_no_update_and_too_many_stop_with_a_checkpoint(tmp_path, char_data):
     logs = str(tmp_path / "logs")
-    cfg, _ = train_gpt.parse_config(tiny_args(char_data, logs, run_id="nan", max_bad_steps=3, max_iters=50,
+    cfg = train_gpt.resolve_config(tiny_args(char_data, logs, run_id="nan", max_bad_steps=3, max_iters=50,
                                               timing_warmup_steps=0, optimizer="adamw"))
     trainer = train_gpt.Trainer(cfg)
     trainer.setup()
