@@ -270,7 +270,11 @@ def resolve_config(argv, world_size=1):
     checkpoint = {}
     if flags.get("resume"):
         path = find_checkpoint(flags["resume"], flags.get("log_dir", Hyperparameters.log_dir), flags.get("run_id"))
-        saved = read_checkpoint(path)["hyperparameters"]
+        payload = read_checkpoint(path)
+        if payload.get("finished"):
+            raise UsageError(f"--resume {path}: that run is finished (it stopped at step:{payload['step']}), so "
+                             "there is nothing to continue; start a new run instead")
+        saved = payload["hyperparameters"]
         checkpoint = {f.name: saved[f.name] for f in FLAG_FIELDS if f.name in saved}
         checkpoint["resume"] = flags["resume"] = path
     recipe = flags.get("recipe", checkpoint.get("recipe", Hyperparameters.recipe))
@@ -282,7 +286,19 @@ def resolve_config(argv, world_size=1):
     values.update(resolve_spellings(values, spellings))
     cfg = Hyperparameters(**values)
     validate_config(cfg)  # 6, for the flags; derive() checks what it derives
-    return derive(cfg, world_size)  # 5
+    cfg = derive(cfg, world_size)  # 5
+    check_run_files(cfg, resumed_run_id=checkpoint.get("run_id"))
+    return cfg
+
+
+def check_run_files(cfg, resumed_run_id=None):
+    """A run writes only into its own log, metrics and checkpoints: a new run (or a resumed one under a new
+    --run_id) refuses a run_id whose files exist."""
+    log_path, run_dir = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt"), os.path.join(cfg.log_dir, cfg.run_id)
+    existing = [p for p in (log_path, run_dir) if os.path.exists(p)]
+    if existing and cfg.run_id != resumed_run_id:
+        raise UsageError(f"--run_id {cfg.run_id}: {existing[0]} belongs to another run; choose another --run_id "
+                         f"(or none), or continue that run with --resume auto --run_id {cfg.run_id}")
 
 
 def resolve_spellings(values, spellings):
@@ -400,8 +416,17 @@ def validate_config(cfg):
         raise UsageError(f"--mtp_steps must be 1 to {MAX_MTP_STEPS} (predict t+1..t+N), got {cfg.mtp_steps}")
     if cfg.mtp_weight < 0 or cfg.mtp_rampup_steps < 0:
         raise UsageError("--mtp_weight and --mtp_rampup_steps must be non-negative")
-    if cfg.val_tokens <= 0:
-        raise UsageError("--val_tokens must be positive")
+    if cfg.val_tokens < cfg.block_size:
+        raise UsageError(f"--val_tokens {cfg.val_tokens} is less than one window of --block_size {cfg.block_size} "
+                         "tokens: validation would score nothing; give at least block_size")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise UsageError(f"--beta1 {cfg.beta1} and --beta2 {cfg.beta2} must be in [0, 1)")
+    if cfg.weight_decay < 0:
+        raise UsageError(f"--weight_decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.target_val_loss < 0:
+        raise UsageError(f"--target_val_loss must be >= 0 (0: no target), got {cfg.target_val_loss}")
+    if os.path.exists(cfg.log_dir) and not os.path.isdir(cfg.log_dir):
+        raise UsageError(f"--log_dir {cfg.log_dir} is a file, not a folder: give a folder for the logs")
     if cfg.eval_interval < 0 or cfg.log_interval <= 0:
         raise UsageError("--eval_interval must be >= 0 (0: only at the end) and --log_interval positive")
     if cfg.lr_decay_iters < 0 or not 0 <= cfg.min_lr_ratio <= 1:
@@ -450,6 +475,9 @@ def read_shard(path):
         raise UsageError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION}); "
                          "re-create it with the data/ scripts")
     n_tokens = int(header[2])
+    if n_tokens < 0:
+        raise UsageError(f"{path}: the header's token count is negative ({n_tokens}): the header is corrupt; "
+                         "re-create or re-download the shard")
     if size < HEADER_BYTES + 2 * n_tokens:
         raise UsageError(f"{path}: header claims {n_tokens} tokens but the file holds {(size - HEADER_BYTES) // 2}; "
                          "the shard is truncated, re-create or re-download it")
@@ -458,6 +486,11 @@ def read_shard(path):
 
 def find_shards(pattern, what):
     files = sorted(glob.glob(pattern))
+    folders = [f for f in files if os.path.isdir(f)]
+    if folders:
+        flag = "--input_bin" if what == "training" else "--input_val_bin"
+        raise UsageError(f"{flag} {pattern} names the folder {folders[0]}, not shard files: give a glob such as "
+                         f"{os.path.join(folders[0], 'train_*.bin' if what == 'training' else 'val_*.bin')}")
     if not files:
         raise UsageError(f"no {what} shards match {pattern}: prepare data with `python data/shakespeare.py` "
                          f"(or data/cached_fineweb10B.py), or point --input_bin/--input_val_bin at existing shards")
@@ -1417,6 +1450,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.raw_model)
         self.peak = peak_flops(device)
         self.step, self.best, self.bad_steps, self.bad_in_a_row, self.reached = 0, (float("inf"), 0), 0, 0, None
+        self.finished = False  # the loop ended (target or max_iters): its checkpoint cannot be resumed
         self.clock = TrainClock(self.synchronize)
         self.wandb_run = None
 
@@ -1538,6 +1572,7 @@ class Trainer:
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_iters:
                 with self.clock.paused():
                     self.save_checkpoint()
+        self.finished = True
         if cfg.save_every:
             self.save_checkpoint()
         # The loop ends at a validation, so the train time is the one that validation printed.
@@ -1628,7 +1663,7 @@ class Trainer:
         if self.rank == 0:
             payload = dict(state, optimizers=by_rank, model_config=dataclasses.asdict(self.gcfg),
                            hyperparameters=dataclasses.asdict(self.cfg), code_sha256=source_sha256(),
-                           world_size=self.world_size)
+                           world_size=self.world_size, finished=self.finished)
             os.makedirs(self.checkpoint_dir(), exist_ok=True)
             atomic_save(payload, path)
             for old in glob.glob(os.path.join(self.checkpoint_dir(), "checkpoint_*.pt")):
@@ -1639,8 +1674,9 @@ class Trainer:
             dist.barrier()
         return path
 
-    def load_checkpoint(self, path):
-        """Continues from a checkpoint of the same model, code and number of processes."""
+    def check_checkpoint(self, path):
+        """The checkpoint at path, if this run can continue it: the same model, code, optimizer and number of
+        processes. Checked before the log is written; load_checkpoint() loads it after setup()."""
         payload = read_checkpoint(path)
         differ = [f"{k} ({v} here, {payload['model_config'].get(k)} in the checkpoint)"
                   for k, v in dataclasses.asdict(self.gcfg).items() if payload["model_config"].get(k) != v]
@@ -1652,11 +1688,13 @@ class Trainer:
         if payload["world_size"] != self.world_size:
             raise UsageError(f"--resume {path}: written by {payload['world_size']} processes, resumed with "
                              f"{self.world_size}; launch with torchrun --nproc_per_node={payload['world_size']}")
-        states = payload["optimizers"][self.rank]
-        if len(states) != len(self.optimizers):
+        if payload["hyperparameters"]["optimizer"] != self.cfg.optimizer:
             raise UsageError(f"--resume {path}: the checkpoint's optimizer differs; use its --optimizer "
                              f"{payload['hyperparameters']['optimizer']}")
-        self.load_state_dict(dict(payload, optimizers=states))
+        return payload
+
+    def load_checkpoint(self, payload):
+        self.load_state_dict(dict(payload, optimizers=payload["optimizers"][self.rank]))
 
     def save_model(self, path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1687,10 +1725,15 @@ def copy_state(state, device=None):
     return state
 
 
-def source_sha256():
+def own_source():
+    """This file's text, as the log embeds it (ending in a newline)."""
     with open(__file__, encoding="utf-8") as f:
         source = f.read()
-    return hashlib.sha256((source if source.endswith("\n") else source + "\n").encode("utf-8")).hexdigest()
+    return source if source.endswith("\n") else source + "\n"
+
+
+def source_sha256():
+    return hashlib.sha256(own_source().encode("utf-8")).hexdigest()
 
 
 def read_checkpoint(path):
@@ -1745,13 +1788,14 @@ class RunLog:
         self.path, self.enabled = path, enabled
         if enabled and not append:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            with open(__file__, encoding="utf-8") as f:
-                source = f.read()
-            if not source.endswith("\n"):
-                source += "\n"
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(source + "=" * 100 + "\n")
-                f.write(f"code_sha256:{hashlib.sha256(source.encode('utf-8')).hexdigest()}\n")
+            source = own_source()
+            try:  # created exclusively: two runs started with one --run_id never share a log
+                with open(path, "x", encoding="utf-8") as f:
+                    f.write(source + "=" * 100 + "\n")
+                    f.write(f"code_sha256:{hashlib.sha256(source.encode('utf-8')).hexdigest()}\n")
+            except FileExistsError:
+                raise UsageError(f"{path} was created by another run meanwhile; start again with another "
+                                 "--run_id") from None
 
     def metrics(self, **values):
         """Full-precision numbers beside the log (logs/<run_id>/metrics.jsonl), for tools and tests."""
@@ -1796,6 +1840,9 @@ def versions():
 # Main
 
 def sample_main(sampling):
+    """Prints text generated by a saved model.pt."""
+    if sampling.top_k < 0 or sampling.temperature < 0 or sampling.max_new_tokens < 0 or sampling.num_samples < 1:
+        raise UsageError("--top_k, --temperature and --max_new_tokens must be >= 0 and --num_samples >= 1")
     if not os.path.exists(sampling.sample):
         raise UsageError(f"--sample {sampling.sample}: no such file; pass a logs/<run_id>/model.pt")
     try:
@@ -1804,11 +1851,22 @@ def sample_main(sampling):
     except Exception as e:  # any unreadable checkpoint is reported the same way
         raise UsageError(f"--sample {sampling.sample}: not a model saved by train_gpt.py "
                          f"({type(e).__name__})") from None
+    if "meta" not in payload:
+        raise UsageError(f"--sample {sampling.sample}: a training checkpoint, not a model; sample from "
+                         "logs/<run_id>/model.pt (written at the end of a run), or --resume the checkpoint")
     model = GPT(gcfg)
     model.load_state_dict(payload["model"])
     model.eval()
     meta = payload["meta"]
     encode, decode = tokenizer_from_meta(meta)
+    if meta["tokenizer"] == "char":  # a char vocabulary cannot encode what training never saw
+        unknown = sorted(set(sampling.prompt) - set(meta["chars"]))
+        if unknown and len(unknown) == len(set(sampling.prompt)):
+            raise UsageError(f"--prompt {sampling.prompt!r}: none of its characters is in the model's vocabulary "
+                             f"{meta['chars']!r}")
+        if unknown:
+            print(f"note: the prompt's characters {''.join(unknown)!r} are not in the model's vocabulary and were "
+                  "dropped", file=sys.stderr)
     ids = encode(sampling.prompt) or [0]
     torch.manual_seed(payload["hyperparameters"].get("seed", 0))
     for _ in range(sampling.num_samples):
@@ -1828,6 +1886,26 @@ def init_distributed(cfg, local_rank):
     shared = [cfg.run_id]
     dist.broadcast_object_list(shared, src=0)
     return dataclasses.replace(cfg, run_id=shared[0])
+
+
+def open_run_log(cfg, rank):
+    """The run's log, written by rank 0: appended to when resuming into the run's own log, else created
+    exclusively. Under torchrun every rank learns whether rank 0 could create it, so all stop together."""
+    path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
+    appending = bool(cfg.resume) and os.path.exists(path)
+    log, error = None, None
+    try:
+        log = RunLog(path, enabled=rank == 0, append=appending)
+    except UsageError as e:
+        error = str(e)
+    if cfg.world_size > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise UsageError(error)
+    log.appending = appending
+    return log
 
 
 def log_header(log, cfg, trainer):
@@ -1858,24 +1936,29 @@ def main(argv=None):
     # 2. The process group, under torchrun.
     if world_size > 1:
         cfg = init_distributed(cfg, local_rank)
-    # 3. The data, checked before anything heavy or any file is written.
+    # 3. The data and the checkpoint to resume, checked before anything heavy or any file is written.
     trainer = Trainer(cfg, rank=rank, local_rank=local_rank)
+    checkpoint = trainer.check_checkpoint(cfg.resume) if cfg.resume else None
     # 4. The log (rank 0): the source, then the header; a resumed run appends to its own log.
-    log_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
-    log = RunLog(log_path, enabled=rank == 0, append=bool(cfg.resume) and os.path.exists(log_path))
+    log = open_run_log(cfg, rank)
     trainer.log, trainer.metrics = log, log.metrics
-    if not cfg.resume:
+    if not log.appending:
         log_header(log, cfg, trainer)
     # 5. Model and optimizers, and the checkpoint's state when resuming.
     trainer.setup()
-    if cfg.resume:
-        trainer.load_checkpoint(cfg.resume)
+    if checkpoint is not None:
+        trainer.load_checkpoint(checkpoint)
         log(f"resume from {cfg.resume} at step:{trainer.step} train_time:{trainer.clock.elapsed_ms:.0f}ms")
     # 6. Train, then save the model and write the outcome: the log's last line, by which a record is judged.
     if rank == 0 and cfg.wandb:
         trainer.wandb_run = start_wandb(cfg, log)
     try:
         result = trainer.run()
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"interrupted at step:{trainer.step}; resume with --resume auto --run_id {cfg.run_id}",
+                  file=sys.stderr)
+        raise
     finally:
         if trainer.wandb_run is not None:
             trainer.wandb_run.finish()
@@ -1900,6 +1983,8 @@ def run_cli(entry):
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2 if isinstance(e, UsageError) else 3)
+    except KeyboardInterrupt:  # main() printed where to resume from; the last checkpoint stays as it was
+        sys.exit(130)
 
 
 if __name__ == "__main__":
