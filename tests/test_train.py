@@ -52,8 +52,8 @@ def test_loader_ranks_are_disjoint_and_cover_the_global_batch(tmp_path):
     train_gpt.write_shard(str(tmp_path / "train_000000.bin"), tokens)
     pattern = str(tmp_path / "train_*.bin")
     B, T, K, W = 3, 8, 3, 2
-    single = train_gpt.DistributedDataLoader(pattern, B * W, T, 0, 1, max_offset=K)
-    ranks = [train_gpt.DistributedDataLoader(pattern, B, T, r, W, max_offset=K) for r in range(W)]
+    single = train_gpt.DistributedDataLoader(pattern, B * W, T, 0, 1, mtp_steps=K)
+    ranks = [train_gpt.DistributedDataLoader(pattern, B, T, r, W, mtp_steps=K) for r in range(W)]
     for _ in range(4):
         x_all, y_all = single.next_batch()
         parts = [loader.next_batch() for loader in ranks]
@@ -84,9 +84,9 @@ def test_loader_visits_every_window_once_per_pass_then_next_shard_and_wraps(tmp_
 def test_val_set_is_the_same_for_any_world_size(char_data):
     meta = train_gpt.load_meta(os.path.join(char_data, "train_*.bin"))
     val = train_gpt.ValidationSet(os.path.join(char_data, "val_*.bin"), 3, 16, 10_000, meta["vocab_size"])
-    one = torch.cat([x.flatten() for x, _, n in val.batches(0, 1, 1)])
-    two = [torch.cat([x.flatten() for x, _, n in val.batches(r, 2, 1)]) for r in range(2)]
-    assert sum(n for *_, n in val.batches(0, 1, 1)) == val.n_tokens
+    one = torch.cat([x.flatten() for x, _, n in val.batches(0, 1)])
+    two = [torch.cat([x.flatten() for x, _, n in val.batches(r, 2)]) for r in range(2)]
+    assert sum(n for *_, n in val.batches(0, 1)) == val.n_tokens
     assert sorted(one.tolist()) == sorted(two[0].tolist() + two[1].tolist())
 
 
@@ -118,24 +118,24 @@ def test_vocab_is_padded_to_a_multiple_of_64():
 def test_nanogpt_cpu_command_line_parses():
     argv = ("--device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 "
             "--n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0").split()
-    cfg, _ = train_gpt.parse_config(argv)
-    assert cfg.compile is False and cfg.eval_iters == 20 and cfg.lr_decay_iters == 2000 and cfg.block_size == 64
-    cfg, _ = train_gpt.parse_config(["--preset", "gpt2_124m", "--gradient_accumulation_steps", "16"])
+    cfg = train_gpt.resolve_config(argv)
+    assert cfg.compile is False and cfg.val_tokens == 20 * 12 * 64 and cfg.lr_decay_iters == 2000
+    assert cfg.block_size == 64
+    cfg = train_gpt.resolve_config(["--preset", "gpt2_124m", "--gradient_accumulation_steps", "16", "--device", "cpu"])
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.grad_accum_steps) == (12, 768, 1024, 16)
     assert cfg.batch_size * cfg.block_size * 8 == 524_288  # the preset's own accumulation gives 0.5M tokens
 
 
 @pytest.mark.parametrize("argv, world_size, message", [
     (["--n_embd", "130", "--n_head", "4"], 1, "--n_embd 130 is not divisible by --n_head 4"),
-    (["--grad_accum_steps", "3"], 2, "--grad_accum_steps 3 is not divisible by the 2 processes"),
+    (["--batch_size", "5"], 2, r"5 sequences .* cannot be shared evenly by 2 processes: run \[1, 5\] processes"),
     (["--n_kv_head", "3"], 1, "--n_kv_head 3 must divide n_head 4"),
     (["--learning_rate", "-1"], 1, "--learning_rate must be positive"),
     (["--adafactor_lr", "0"], 1, "--adafactor_lr must be positive"),
 ])
 def test_impossible_combinations_fail_with_one_line(argv, world_size, message):
-    cfg, _ = train_gpt.parse_config(argv)
     with pytest.raises(train_gpt.UsageError, match=message):
-        train_gpt.validate_config(cfg, world_size=world_size)
+        train_gpt.resolve_config(argv, world_size=world_size)
 
 
 def _run_cli(args, cwd=ROOT, env=None):
@@ -163,7 +163,7 @@ def test_bad_data_is_refused_before_training(tmp_path):
     data = str(tmp_path / "d")
     make_char_data(data)
     args = tiny_args(data, str(tmp_path / "logs"))
-    cfg, _ = train_gpt.parse_config(args)
+    cfg = train_gpt.resolve_config(args)
     with open(os.path.join(data, "meta.json"), "w") as f:  # a vocabulary too small for the shard's ids
         json.dump({"tokenizer": "char", "chars": "abc"}, f)
     with pytest.raises(train_gpt.UsageError, match="token id .* >= vocab_size 3"):
@@ -177,7 +177,7 @@ def test_bad_data_is_refused_before_training(tmp_path):
         train_gpt.Trainer(cfg)
     make_char_data(data, text="abcdefgh" * 100, val_fraction=0.05)  # 40 val tokens < one 4x16 batch
     with pytest.raises(train_gpt.UsageError, match="fewer than one batch needs"):
-        train_gpt.Trainer(train_gpt.parse_config(args)[0])
+        train_gpt.Trainer(train_gpt.resolve_config(args))
 
 
 # --- training runs

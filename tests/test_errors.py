@@ -1,0 +1,148 @@
+"""Bad input, and runs that must not clobber each other: one clear line, the right exit code, no file left behind
+that looks like a run's."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import train_gpt
+from conftest import ROOT, make_char_data, tiny_args
+
+
+def cli(args, script="train_gpt.py", **kwargs):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, **kwargs)
+
+
+def assert_one_line(result, code, message):
+    assert result.returncode == code, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny run that saved checkpoints and finished: (data dir, log dir, run_id)."""
+    root = tmp_path_factory.mktemp("finished")
+    data, logs = str(root / "data"), str(root / "logs")
+    make_char_data(data)
+    train_gpt.main(tiny_args(data, logs, run_id="done", max_iters=4, eval_interval=2, save_every=2,
+                             warmdown_iters=2))
+    return data, logs, "done"
+
+
+# --- flags and data that used to end in a traceback
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(val_tokens=8), "--val_tokens 8 is less than one window of --block_size 16"),
+    (dict(beta1=1.0), "--beta1 1.0 and --beta2 0.95 must be in [0, 1)"),
+    (dict(beta2=-0.1), "must be in [0, 1)"),
+    (dict(weight_decay=-1), "--weight_decay must be >= 0"),
+    (dict(target_val_loss=-1), "--target_val_loss must be >= 0 (0: no target)"),
+])
+def test_impossible_values_are_refused(tmp_path, char_data, overrides, message):
+    with pytest.raises(train_gpt.UsageError) as err:
+        train_gpt.main(tiny_args(char_data, str(tmp_path / "logs"), **overrides))
+    assert message in str(err.value)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_input_bin_naming_a_folder(tmp_path, char_data):
+    with pytest.raises(train_gpt.UsageError, match="names the folder .* give a glob such as .*train_\\*.bin"):
+        train_gpt.main(tiny_args(char_data, str(tmp_path / "logs"), input_bin=char_data))
+
+
+def test_shard_with_a_negative_token_count(tmp_path, char_data):
+    path = os.path.join(char_data, "train_000000.bin")
+    header = np.fromfile(path, dtype=np.int32, count=train_gpt.HEADER_INTS)
+    header[2] = -5
+    with open(path, "r+b") as f:
+        f.write(header.tobytes())
+    with pytest.raises(train_gpt.UsageError, match="token count is negative \\(-5\\)"):
+        train_gpt.main(tiny_args(char_data, str(tmp_path / "logs")))
+
+
+def test_log_dir_that_is_a_file(tmp_path, char_data):
+    (tmp_path / "afile").write_text("x")
+    result = cli(tiny_args(char_data, str(tmp_path / "afile")))
+    assert_one_line(result, 2, "is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_shakespeare_out_dir_that_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = cli(["--out_dir", str(tmp_path / "afile")], script="data/shakespeare.py")
+    assert_one_line(result, 2, "--out_dir")
+    assert "is a file" in result.stderr and (tmp_path / "afile").read_text() == "x"
+
+
+# --- sampling
+
+def test_sampling_refuses_a_checkpoint_and_negative_options(finished_run):
+    _, logs, run_id = finished_run
+    checkpoint = glob.glob(os.path.join(logs, run_id, "checkpoint_*.pt"))[0]
+    with pytest.raises(train_gpt.UsageError, match="a training checkpoint, not a model"):
+        train_gpt.main(["--sample", checkpoint])
+    model = os.path.join(logs, run_id, "model.pt")
+    for flag in ("--top_k", "--temperature"):
+        with pytest.raises(train_gpt.UsageError, match="must be >= 0"):
+            train_gpt.main(["--sample", model, flag, "-1"])
+
+
+def test_sampling_names_the_prompt_characters_it_drops(finished_run, capsys):
+    _, logs, run_id = finished_run
+    model = os.path.join(logs, run_id, "model.pt")
+    train_gpt.main(["--sample", model, "--prompt", "the QZ", "--max_new_tokens", "5"])
+    captured = capsys.readouterr()
+    assert "'QZ'" in captured.err and "dropped" in captured.err
+    assert captured.out.startswith("the ")
+    with pytest.raises(train_gpt.UsageError, match="none of its characters is in the model's vocabulary"):
+        train_gpt.main(["--sample", model, "--prompt", "QZ"])
+
+
+# --- no run loses another's data
+
+def test_a_new_run_refuses_an_existing_run_id(finished_run):
+    data, logs, run_id = finished_run
+    log = os.path.join(logs, f"{run_id}.txt")
+    before = open(log).read()
+    with pytest.raises(train_gpt.UsageError, match=f"--run_id {run_id}: .* belongs to another run"):
+        train_gpt.main(tiny_args(data, logs, run_id=run_id, max_iters=6))
+    assert open(log).read() == before
+
+
+def test_the_log_is_created_exclusively(tmp_path):
+    path = str(tmp_path / "run.txt")
+    train_gpt.RunLog(path)
+    with pytest.raises(train_gpt.UsageError, match="created by another run"):
+        train_gpt.RunLog(path)
+
+
+def test_resuming_a_finished_run_is_refused(finished_run):
+    data, logs, run_id = finished_run
+    before = open(os.path.join(logs, f"{run_id}.txt")).read()
+    with pytest.raises(train_gpt.UsageError, match="that run is finished"):
+        train_gpt.main(["--resume", "auto", "--run_id", run_id, "--log_dir", logs])
+    assert open(os.path.join(logs, f"{run_id}.txt")).read() == before
+
+
+def test_ctrl_c_names_the_step_and_how_to_resume(tmp_path, char_data):
+    logs = str(tmp_path / "logs")
+    args = tiny_args(char_data, logs, run_id="int", max_iters=100000, eval_interval=0, save_every=3)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while not glob.glob(os.path.join(logs, "int", "checkpoint_*.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step:") and last.endswith("resume with --resume auto --run_id int"), err
+    assert "Traceback" not in err
+    assert glob.glob(os.path.join(logs, "int", "checkpoint_*.pt"))
