@@ -170,19 +170,21 @@ def record_readme(track: str, spec: dict, name: str, description: str, folder: s
         log = Path(r["path"]).name
         lines.append(f"| [{log}]({log}) | {r['max_iters']} | {r['train_time_ms'] / 1000:.2f} s | "
                      f"{r['final_val_loss']:.4f} |")
-    steps = max(budget)
+    hint = verify.data_hint(spec["train"])
     lines += [
         "",
         "## Verify and reproduce",
         "",
         "```bash",
+        *([hint.split(" (")[0]] if hint else []),
         f"python records/verify.py --target {spec['target']:g} {folder}/*.txt",
-        f"python records/verify.py --target {spec['target']:g} --reproduce {steps} {folder}/*.txt",
+        f"python records/verify.py --target {spec['target']:g} --reproduce {max(budget)} {folder}/*.txt",
         "```",
         "",
-        "The second command re-runs every log from its embedded source and header configuration and compares each "
-        "logged loss (records/README.md, Reproducing a run). The data: "
-        f"`{verify.data_hint(spec['train'])}`.",
+        ("The first command makes the track's data; the last re-runs every log from its embedded source and header "
+         "configuration and compares each logged loss (records/README.md, Reproducing a run)."
+         if hint else "The last command re-runs every log from its embedded source and header configuration (on "
+         "the data its header names) and compares each logged loss (records/README.md, Reproducing a run)."),
         "",
     ]
     return "\n".join(lines)

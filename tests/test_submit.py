@@ -1,0 +1,103 @@
+"""records/submit.py: a record from fresh fixed-budget runs into a temporary copy of records/, and refusals."""
+import datetime
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from conftest import ROOT
+from test_verify_runs import fresh_runs, verify
+
+SUBMIT = Path(ROOT) / "records" / "submit.py"
+VERIFY = Path(ROOT) / "records" / "verify.py"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three seeds of a tiny fixed-budget run, on data in a folder named like a track's data folder."""
+    return fresh_runs(str(tmp_path_factory.mktemp("submit")), [1, 2, 3], data_name="tiny_char")
+
+
+def records_copy(tmp_path, target, slower_row=True):
+    """records/README.md in a temporary records folder, with a `tiny` track on the runs' data at `target`."""
+    records = tmp_path / "records"
+    records.mkdir()
+    text = (Path(ROOT) / "records" / "README.md").read_text()
+    anchor = "| `shakespeare_char` |"
+    assert anchor in text
+    text = text.replace(anchor, f"| `tiny` | `tiny_char/train_*.bin` | `tiny_char/val_*.bin` | {target:.4f} | any "
+                                f"| any |\n{anchor}", 1)
+    rows = "| 999.0 s (mean of 3) | an older, slower record | 2026-01-01 | [logs](tiny/old) | someone |\n"
+    text += ("\n### `tiny`\n\n| time | description | date | log | contributors |\n"
+             "|------|-------------|------|-----|--------------|\n" + (rows if slower_row else "| (none yet) | | | | |\n"))
+    (records / "README.md").write_text(text)
+    return records
+
+
+def submit(records, track, *logs, name="TinyTest"):
+    return subprocess.run([sys.executable, str(SUBMIT), "--records_dir", str(records), "--track", track, "--name",
+                           name, "--description", "tiny test record", "--contributors", "tests", *map(str, logs)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def passing_target(runs):
+    """A target the runs' mean final val loss is below at p < 0.01."""
+    finals = [verify.verify_log(p)["final_val_loss"] for p in runs]
+    spread = max(finals) - min(finals)
+    target = max(finals) + max(0.05, 20 * spread)
+    assert stats.ttest_1samp(finals, round(target, 4), alternative="less").pvalue < 0.01
+    return target
+
+
+def test_submit_adds_a_record_and_its_row(runs, tmp_path):
+    records = records_copy(tmp_path, passing_target(runs))
+    r = submit(records, "tiny", *runs)
+    assert r.returncode == 0, r.stdout + r.stderr
+    folder = records / "tiny" / f"{datetime.date.today().isoformat()}_TinyTest"
+    assert sorted(p.name for p in folder.glob("*.txt")) == ["run1.txt", "run2.txt", "run3.txt"]
+    assert (folder / "run1" / "metrics.jsonl").is_file()
+    readme = (folder / "README.md").read_text()
+    assert "--reproduce 20" in readme and "t = " in readme
+    table = (records / "README.md").read_text().split("### `tiny`")[1].splitlines()
+    rows = [line for line in table if line.startswith("| ") and "s (mean of" in line]
+    assert len(rows) == 2 and f"[logs](tiny/{folder.name})" in rows[0] and "older, slower" in rows[1]
+    assert not list((records / "tiny").glob(".*"))  # no temporary folder left
+    check = subprocess.run([sys.executable, str(VERIFY), "--target", f"{passing_target(runs):.4f}",
+                            *sorted(folder.glob("*.txt"))], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and check.stdout.count("[metrics.jsonl checked]") == 3, check.stdout
+    again = submit(records, "tiny", *runs)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_submit_refuses_another_tracks_data(runs, tmp_path):
+    records = records_copy(tmp_path, passing_target(runs), slower_row=False)
+    before = (records / "README.md").read_text()
+    r = submit(records, "shakespeare_char", *runs)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "input_bin" in r.stderr and "tinyshakespeare_char/train_*.bin" in r.stderr
+    assert not (records / "shakespeare_char").exists()
+    assert (records / "README.md").read_text() == before
+
+
+def test_submit_refuses_a_mean_not_below_the_target(runs, tmp_path):
+    finals = [verify.verify_log(p)["final_val_loss"] for p in runs]
+    records = records_copy(tmp_path, min(finals) - 0.01, slower_row=False)
+    r = submit(records, "tiny", *runs)
+    assert r.returncode == 2 and "not below the target" in r.stderr and "p = " in r.stderr, r.stderr
+    assert not (records / "tiny").exists()
+
+
+def test_submit_refuses_a_tampered_log(runs, tmp_path):
+    records = records_copy(tmp_path, passing_target(runs), slower_row=False)
+    bad = tmp_path / "bad"
+    shutil.copytree(runs[0].parent, bad)
+    log = bad / runs[0].name
+    lines = log.read_text().split("\n")
+    lines = [line for line in lines if not line.startswith("step:8/20 train_loss:")]
+    log.write_text("\n".join(lines))
+    r = submit(records, "tiny", log, *runs[1:])
+    assert r.returncode == 2 and "fails verification: line" in r.stderr and "step:8 is missing" in r.stderr

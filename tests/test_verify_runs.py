@@ -1,0 +1,188 @@
+"""records/verify.py on logs of real tiny CPU runs: tampering caught by the step grid, the outcome line and
+metrics.jsonl, and --reproduce re-running a log from its embedded source."""
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt
+from conftest import ROOT, make_char_data, tiny_args
+
+VERIFY = Path(ROOT) / "records" / "verify.py"
+RUN_FLAGS = dict(max_iters=20, eval_interval=5, log_interval=2)
+
+
+def _load_verify():
+    spec = importlib.util.spec_from_file_location("records_verify_runs", VERIFY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+verify = _load_verify()
+
+
+def fresh_runs(base, seeds, data_name="data"):
+    """Tiny fixed-budget CPU runs (no target, so they run all max_iters steps), one per seed, on one thread so the
+    shared test machine runs them quickly; returns the log paths (metrics.jsonl beside each)."""
+    data = os.path.join(base, data_name)
+    make_char_data(data)
+    logs = os.path.join(base, "logs")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for seed in seeds:
+            train_gpt.main(tiny_args(data, logs, run_id=f"run{seed}", seed=seed, **RUN_FLAGS))
+    finally:
+        torch.set_num_threads(threads)
+    return [Path(logs) / f"run{seed}.txt" for seed in seeds]
+
+
+@pytest.fixture(scope="module")
+def fresh_log(tmp_path_factory):
+    return fresh_runs(str(tmp_path_factory.mktemp("fresh")), [1])[0]
+
+
+def run_verify(*args):
+    return subprocess.run([sys.executable, str(VERIFY), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def copy_run(log, directory, text=None, metrics=True):
+    """The log (edited to `text` if given) in another folder, with its metrics.jsonl beside it or not."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / log.name
+    out.write_text(text if text is not None else log.read_text())
+    if metrics:
+        (directory / log.stem).mkdir(exist_ok=True)
+        shutil.copy(log.parent / log.stem / "metrics.jsonl", directory / log.stem / "metrics.jsonl")
+    return out
+
+
+def line_index(lines, prefix):
+    matches = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+    assert len(matches) == 1, prefix
+    return matches[0]
+
+
+def test_fresh_log_verifies_with_its_metrics(fresh_log):
+    r = verify.verify_log(fresh_log)
+    assert r["ok"], r["reason"]
+    assert r["metrics"] is not None and r["budget"] == "fixed" and r["step"] == 20
+
+
+def edit_loss(line, delta):
+    value = re.search(r"_loss:(\d+\.\d+)", line).group(1)
+    return line.replace(f"_loss:{value}", f"_loss:{float(value) + delta:.4f}")
+
+
+TAMPERING = ["final_val", "middle_val_digit", "train_deleted", "val_deleted"]
+
+
+def tamper(log, case):
+    """The log's lines with one tampering, and the line number verify.py must name."""
+    lines = log.read_text().split("\n")
+    if case == "final_val":  # the last val line, also the best: the outcome line names it
+        i = line_index(lines, "step:20/20 val_loss:")
+        lines[i] = edit_loss(lines[i], -0.001)
+    elif case == "middle_val_digit":
+        i = line_index(lines, "step:10/20 val_loss:")
+        lines[i] = edit_loss(lines[i], 0.0001)
+    elif case == "train_deleted":  # then the line named is the next step line, which the deleted one should precede
+        i = line_index(lines, "step:8/20 train_loss:")
+        del lines[i]
+    else:
+        i = line_index(lines, "step:10/20 val_loss:")
+        del lines[i]
+    return "\n".join(lines), i + 1
+
+
+@pytest.mark.parametrize("case", TAMPERING)
+@pytest.mark.parametrize("with_metrics", [True, False])
+def test_tampering_refused_naming_the_line(fresh_log, tmp_path, case, with_metrics):
+    text, wrong = tamper(fresh_log, case)
+    r = verify.verify_log(copy_run(fresh_log, tmp_path / "copy", text, metrics=with_metrics))
+    if case == "middle_val_digit" and not with_metrics:  # no trace left without the full-precision numbers
+        assert r["ok"], r["reason"]
+        return
+    assert not r["ok"]
+    assert r["reason"].startswith(f"line {wrong}:"), r["reason"]
+
+
+def test_tampering_cli_one_fail_line_each(fresh_log, tmp_path):
+    logs, wrong = [], {}
+    for case in TAMPERING:
+        text, wrong[case] = tamper(fresh_log, case)
+        logs.append(copy_run(fresh_log, tmp_path / case, text))
+    r = run_verify("--no-stats", *logs)
+    assert r.returncode == 1, r.stdout
+    fails = [line for line in r.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 4
+    for case, line in zip(TAMPERING, fails):
+        assert f"/{case}/" in line and f": line {wrong[case]}:" in line, line
+
+
+def test_metrics_dir_flag(fresh_log, tmp_path):
+    """--metrics_dir DIR checks a log kept elsewhere (a record folder) against DIR/<run_id>/metrics.jsonl."""
+    lines = fresh_log.read_text().split("\n")
+    i = line_index(lines, "step:10/20 val_loss:")
+    lines[i] = edit_loss(lines[i], 0.0001)
+    log = copy_run(fresh_log, tmp_path / "record", "\n".join(lines), metrics=False)
+    assert verify.verify_log(log)["ok"]
+    r = run_verify(log, "--no-stats", "--metrics_dir", fresh_log.parent)
+    assert r.returncode == 1 and f"line {i + 1}: val_loss:" in r.stdout, r.stdout
+    r = run_verify(log, "--no-stats", "--metrics_dir", tmp_path)
+    assert r.returncode == 1 and "no <run_id>/metrics.jsonl" in r.stdout, r.stdout
+
+
+def test_reproduce_matches_a_fresh_log_and_catches_a_changed_loss(fresh_log, tmp_path):
+    lines = fresh_log.read_text().split("\n")
+    i = line_index(lines, "step:6/20 train_loss:")
+    logged = lines[i].split()[1]
+    lines[i] = edit_loss(lines[i], 0.0001)
+    changed = copy_run(fresh_log, tmp_path / "changed", "\n".join(lines), metrics=False)
+    assert verify.verify_log(changed)["ok"]  # only a re-run can tell
+    r = run_verify("--reproduce", 20, "--no-stats", fresh_log, changed)
+    assert r.returncode == 1, r.stdout + r.stderr
+    done = [line for line in r.stdout.splitlines() if line.startswith("REPRODUCED")]
+    assert len(done) == 1 and str(fresh_log) in done[0], r.stdout
+    assert "15 losses at steps <= 20 match (exact, same machine" in done[0]
+    mismatch = [line for line in r.stdout.splitlines() if line.startswith("MISMATCH")]
+    assert len(mismatch) == 1 and str(changed) in mismatch[0], r.stdout
+    assert f"line {i + 1}: logged step:6/20 {lines[i].split()[1]}, reproduced {logged}" in mismatch[0]
+
+
+def test_reproduce_without_the_data_exit_2(fresh_log, tmp_path):
+    text = fresh_log.read_text()
+    data_line = next(line for line in text.split("\n") if line.startswith("input_bin: "))
+    moved = data_line.replace("input_bin: ", "input_bin: /nonexistent/tinyshakespeare_char_gone/")
+    log = copy_run(fresh_log, tmp_path / "nodata", text.replace(data_line, moved), metrics=False)
+    r = run_verify("--reproduce", 5, "--no-stats", log)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "input_bin /nonexistent/" in r.stderr and "matches no file" in r.stderr and "data/" in r.stderr
+
+
+def test_reproduce_elsewhere_allows_the_tolerance(fresh_log, tmp_path):
+    """A log from another CPU is compared within min(0.001 + 0.00015 x step, 0.05): a 0.0005 change at step 6 passes
+    (0.0019 allowed there), a 0.01 change does not."""
+    text = fresh_log.read_text()
+    cpu = next(line for line in text.split("\n") if line.startswith("cpu: "))
+    lines = text.replace(cpu, "cpu: Another CPU (64 logical cores, torch threads 1)").split("\n")
+    i = line_index(lines, "step:6/20 train_loss:")
+    logs = []
+    for delta in (0.0005, 0.01):
+        changed = list(lines)
+        changed[i] = edit_loss(lines[i], delta)
+        logs.append(copy_run(fresh_log, tmp_path / f"delta{delta}", "\n".join(changed), metrics=False))
+    r = run_verify("--reproduce", 6, "--no-stats", *logs)
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = [line for line in r.stdout.splitlines() if line.startswith(("REPRODUCED", "MISMATCH"))]
+    assert len(out) == 2 and out[0].startswith("REPRODUCED") and out[1].startswith("MISMATCH"), r.stdout
+    assert all("within min(0.001 + 0.00015 x step, 0.05); the log's CPU is 'Another CPU'" in line for line in out)
