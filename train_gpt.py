@@ -355,6 +355,23 @@ def split_batch(batch_size, grad_accum_steps, world_size):
                      f"processes, or change the batch with --batch_size/--grad_accum_steps")
 
 
+def launch_plan(n_gpus, argv):
+    """For run.sh: (processes, preset, max_iters) where processes is the most, up to n_gpus, that can share the
+    global batch that argv asks for; one line on stderr says so when that is fewer than n_gpus."""
+    cfg = None
+    for processes in range(n_gpus, 0, -1):
+        try:
+            cfg = resolve_config(argv, processes)
+            break
+        except UsageError as e:
+            if "processes" not in str(e) or processes == 1:
+                raise
+    if processes < n_gpus:
+        print(f"run.sh: using {processes} of {n_gpus} GPUs, the most that can share the global batch of "
+              f"{cfg.batch_size * cfg.grad_accum_steps} sequences", file=sys.stderr)
+    return processes, cfg.preset or "gpt2_124m", cfg.max_iters
+
+
 def scaled_width(n_embd, n_head, factor):
     """n_embd * factor rounded so that it divides by n_head with a head_dim that is a multiple of 8."""
     unit = n_head * 8
@@ -692,8 +709,10 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
-# enable_gqa lets SDPA share each key/value head across its query heads without copying them (PyTorch >= 2.5).
-SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+# enable_gqa lets SDPA share each key/value head across its query heads without copying them, but only the fused
+# CUDA kernels (flash, cuDNN, efficient; bf16/fp16) serve it: elsewhere SDPA falls back to its plain math path,
+# so there the keys and values are repeated per query head first.
+GQA_FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class CausalSelfAttention(nn.Module):
@@ -720,7 +739,7 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if self.n_kv_head == self.n_head:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        elif SDPA_HAS_GQA:
+        elif q.is_cuda and q.dtype in GQA_FUSED_DTYPES:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=True)
         else:
             repeat = self.n_head // self.n_kv_head
@@ -867,12 +886,14 @@ def describe_model(gcfg):
 
 
 def flops_per_token(model):
-    """Training FLOPs per token: 6 per weight (forward and backward) plus attention's score and value matmuls."""
+    """Training FLOPs per token of the matrix multiplications, which are nearly all of them: 6 per weight of every
+    linear layer (2 forward, 4 backward), the output head once per predicted offset (MTP reuses it), and attention's
+    score and value products (12 * n_layer * n_embd * block_size, the whole T x T square as the kernels compute it).
+    Embedding lookups, norms and elementwise work are not counted."""
     cfg = model.cfg
-    n_weights = sum(p.numel() for p in model.parameters()) - model.wte.weight.numel() * (not cfg.tie_embeddings)
-    if model.wpe is not None:
-        n_weights -= model.wpe.weight.numel()
-    return 6 * n_weights + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head)
+    head = model.lm_head.weight.numel() * cfg.mtp_steps
+    return 6 * (linear + head) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
 # Dense bf16 tensor-core peaks in FLOP/s, matched against torch.cuda.get_device_name() in this order.
@@ -1210,8 +1231,8 @@ class Adafactor(torch.optim.Optimizer):
         _check_hparam(group["weight_decay"] >= 0, f"Adafactor: weight_decay must be >= 0, got {group['weight_decay']}")
 
     @staticmethod
-    def _rms(x):
-        return (x.norm() / math.sqrt(x.numel())).item()
+    def _rms(x):  # a 0-d tensor: no host synchronisation
+        return x.norm() / math.sqrt(x.numel())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -1252,14 +1273,15 @@ class Adafactor(torch.optim.Optimizer):
                     v.mul_(beta2).add_(sq, alpha=1 - beta2)
                 update = grad / v.sqrt()
                 if d is not None:
-                    update.div_(max(1.0, self._rms(update) / d))
+                    update.div_((self._rms(update) / d).clamp(min=1.0))
                 if beta1 is not None:
                     update = state["exp_avg"].lerp_(update, 1 - beta1)
                 w = p if p.dtype == dtype else p.to(dtype)
                 rho = min(lr, 1 / math.sqrt(t)) if group["relative_step"] else lr
-                alpha = max(group["eps2"], self._rms(w)) * rho if group["scale_parameter"] else rho
+                # alpha_t: rho times the parameter's RMS before this step, kept on the device
+                alpha = self._rms(w).clamp(min=group["eps2"]) * rho if group["scale_parameter"] else rho
                 w.mul_(1 - lr * group["weight_decay"])
-                w.add_(update, alpha=-alpha)
+                w.sub_(update * alpha)  # not in place: with beta1, update is the first-moment state
                 if w is not p:
                     p.copy_(w)
         return loss
@@ -1357,22 +1379,48 @@ def mtp_weight_at(step, cfg):
 
 
 def optimizer_step(optimizers, scaler, params, grad_clip):
-    """Unscales, clips and applies one update. Returns (applied, grad_norm): no update is applied when the
-    gradient norm is not finite (the GradScaler also lowers its scale then)."""
+    """Unscales, clips and applies one update. Returns (applied, grad_norm), applied a 0-d bool tensor on the
+    device: no update is applied when the gradient norm is not finite. Nothing here waits for a GPU: an fp16
+    GradScaler skips an overflowed step itself (and lowers its scale), and otherwise gated_step() decides on the
+    device."""
     for opt in optimizers:
         scaler.unscale_(opt)
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-    applied = bool(torch.isfinite(grad_norm))
-    if applied:
-        for opt in optimizers:
+    applied = torch.isfinite(grad_norm)
+    for opt in optimizers:
+        if scaler.is_enabled():
             scaler.step(opt)
+        else:
+            gated_step(opt, applied)
     scaler.update()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return applied, grad_norm
+
+
+def gated_step(opt, ok):
+    """opt.step() where the 0-d bool tensor ok is True, and no change where it is False. A CPU reads ok at no cost;
+    on a GPU reading it would stall the queue, so the step runs and torch.where puts the old parameters and state
+    back (one more pass over them, small beside a step). State the step creates is zeroed, as if never made;
+    Python-number step counters (AdamSN, Adafactor) still count a skipped GPU step."""
+    if ok.device.type == "cpu":
+        if ok:
+            opt.step()
+        return
+    state_tensors = lambda: [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    kept = [p for group in opt.param_groups for p in group["params"] if p.grad is not None] + state_tensors()
+    before = [t.clone() for t in kept]
+    known = {id(t) for t in kept}
+    opt.step()
+    with torch.no_grad():
+        for t, old in zip(kept, before):
+            t.copy_(torch.where(ok, t, old))
+        for t in state_tensors():
+            if id(t) not in known:
+                t.copy_(torch.where(ok, t, torch.zeros_like(t)))
 
 
 # -----------------------------------------------------------------------------
@@ -1434,14 +1482,18 @@ class Trainer:
     def setup(self):
         """The heavy part, once every check has passed: model, optimizers, precision and the run's counters."""
         cfg, device = self.cfg, self.device
+        if device.type == "cuda":  # fp32 matmuls (weights, optimizer maths) may use TF32 tensor cores
+            torch.set_float32_matmul_precision("high")
         torch.manual_seed(cfg.seed)
         self.raw_model = GPT(self.gcfg).to(device)
         self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.eval_model = self.model
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
+            # The buffers (rotary tables, the MTP weight) are the same on every rank, and every rank sets the
+            # MTP weight itself, so they are synchronised once at the start and never in a forward pass.
             self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                             broadcast_buffers=False)
+                             forward_sync_buffers=False)
         self.optimizers = build_optimizers(self.raw_model, cfg, device)
         self.params = [p for p in self.raw_model.parameters()]
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -1450,6 +1502,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.raw_model)
         self.peak = peak_flops(device)
         self.step, self.best, self.bad_steps, self.bad_in_a_row, self.reached = 0, (float("inf"), 0), 0, 0, None
+        self.unread_bad = []  # (step, device flag) of the steps since the flags were last read
         self.finished = False  # the loop ended (target or max_iters): its checkpoint cannot be resumed
         self.clock = TrainClock(self.synchronize)
         self.wandb_run = None
@@ -1510,8 +1563,9 @@ class Trainer:
             loss_sum += main.detach()
         loss = loss_sum / accum
         applied, self.last_grad_norm = optimizer_step(self.optimizers, self.scaler, self.params, self.cfg.grad_clip)
-        # An fp16 overflow is the GradScaler's business; anything else non-finite is a bad step.
-        bad = not applied and (not self.scaler.is_enabled() or not bool(torch.isfinite(loss)))
+        # An fp16 overflow is the GradScaler's business; anything else non-finite is a bad step. Both flags stay on
+        # the device: the loop reads them when it logs.
+        bad = ~applied & (torch.ones_like(applied) if not self.scaler.is_enabled() else ~torch.isfinite(loss))
         return loss, applied, bad
 
     @torch.no_grad()
@@ -1562,16 +1616,22 @@ class Trainer:
                     val_loss = self.validate()
                 if self.reached is not None or self.step == cfg.max_iters:
                     break
+            epoch = self.train_loader.epoch
             loss, _, bad = self.train_step(self.step)
             self.step += 1
+            self.unread_bad.append((self.step, bad))
+            if self.train_loader.epoch != epoch:
+                self.log(f"data: pass {self.train_loader.epoch + 1} begins at step:{self.step}")
             if self.step == self.session_start[0] + 1:  # optimizer state exists once the optimizers have stepped
                 self.log_state_bytes()
-            self.count_bad_step(bad)
             if cfg.wandb or self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
+                self.count_bad_steps()
                 self.log_progress(loss)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_iters:
                 with self.clock.paused():
+                    self.count_bad_steps()
                     self.save_checkpoint()
+        self.count_bad_steps()
         self.finished = True
         if cfg.save_every:
             self.save_checkpoint()
@@ -1596,14 +1656,20 @@ class Trainer:
             self.reached = self.step
         return val_loss
 
-    def count_bad_step(self, bad):
-        """A non-finite step applied no update; too many in a row stop the run with a checkpoint to resume from."""
-        self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
-        if not bad:
-            return
-        self.bad_steps += 1
-        self.log(f"skipped step {self.step}: non-finite loss or gradient norm, no update applied "
-                 f"({self.bad_in_a_row} in a row, {self.bad_steps} in all)")
+    def count_bad_steps(self):
+        """Reads the bad-step flags of the steps since the last log (one wait for the device). A non-finite step
+        applied no update; too many in a row stop the run with a checkpoint to resume from."""
+        flags = torch.stack([bad for _, bad in self.unread_bad]).tolist() if self.unread_bad else []
+        steps, self.unread_bad = [step for step, _ in self.unread_bad], []
+        for step, bad in zip(steps, flags):
+            self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
+            if not bad:
+                continue
+            self.bad_steps += 1
+            self.log(f"skipped step {step}: non-finite loss or gradient norm, no update applied "
+                     f"({self.bad_in_a_row} in a row, {self.bad_steps} in all)")
+            if self.bad_in_a_row >= self.cfg.max_bad_steps:
+                break
         if self.bad_in_a_row >= self.cfg.max_bad_steps:
             with self.clock.paused():
                 path = self.save_checkpoint()

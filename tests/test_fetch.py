@@ -18,9 +18,10 @@ def dry_run(gpus, *args):
 
 @pytest.mark.parametrize("gpus, args, nproc, fetch_iters", [
     (8, ["--max_iters=500", "--recipe", "classic"], 8, 500),  # 8 accumulation steps: one each
-    (6, [], 4, 5000),  # 6 does not divide 8: the largest count below that does
-    (16, ["--max_iters", "20"], 8, 20),  # 16 divides the 512 sequences but not the 8 micro-batches
-    (12, ["--grad_accum_steps", "12", "--batch_size", "16"], 12, 5000),  # the passed-through accumulation decides
+    (6, [], 4, 5000),  # 512 sequences cannot be shared by 6 or 5: 4 is the most that can
+    (16, ["--max_iters", "20"], 16, 20),  # 16 share the 512 sequences as one micro-batch of 32 each
+    (12, ["--grad_accum_steps", "3", "--batch_size", "16"], 12, 5000),  # the passed-through batch decides
+    (7, ["--grad_accum_steps", "3", "--batch_size", "5"], 5, 5000),  # 15 sequences: 5 processes of 3
 ])
 def test_gpu_branch(gpus, args, nproc, fetch_iters):
     result = dry_run(gpus, *args)
@@ -31,9 +32,9 @@ def test_gpu_branch(gpus, args, nproc, fetch_iters):
     if nproc == gpus:
         assert result.stderr == ""
     else:
-        accum = 12 if "--grad_accum_steps" in args else 8
-        assert result.stderr == (f"run.sh: using {nproc} of {gpus} GPUs, the most that split gpt2_124m's {accum} "
-                                 f"micro-batches of 64 sequences per step evenly\n")
+        sequences = 15 if "5" in args else 512
+        assert result.stderr == (f"run.sh: using {nproc} of {gpus} GPUs, the most that can share the global batch "
+                                 f"of {sequences} sequences\n")
 
 
 def test_gpu_branch_passes_the_preset_to_the_fetch():
@@ -47,7 +48,7 @@ def test_gpu_branch_passes_the_preset_to_the_fetch():
 def test_gpu_branch_bad_flag_is_one_line():
     result = dry_run(4, "--max_iters", "lots")
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == "error: --max_iters lots: expected a positive integer\n"
+    assert result.stderr == "error: argument --max_iters: invalid int value: 'lots'\n"
 
 
 def test_cpu_branch():
