@@ -97,6 +97,8 @@ class Hyperparameters:
     max_iters: int = 2000
     learning_rate: Optional[float] = None  # Adam-family rate; also sets AdamSN/Adafactor weight decay
     muon_lr: float = 0.05  # Muon learning rate for hidden matrices
+    embed_lr: float = 0.0  # with Muon: AdamW's rate for the embeddings (0: learning_rate)
+    head_lr: float = 0.0  # with Muon: AdamW's rate for an untied output head (0: learning_rate)
     sn_lr: float = 0.0  # AdamSN learning rate for hidden matrices (0: SN_LR_MULTIPLIER * learning_rate)
     adafactor_lr: float = 0.1  # Adafactor's rate for every parameter: the relative-step cap, or the plain rate
     adafactor_relative_step: bool = True  # False: a plain adafactor_lr, no relative step, no parameter-RMS scaling
@@ -137,6 +139,7 @@ class Hyperparameters:
     accum_steps_per_rank: int = derived(0, "micro-batches each process runs per optimizer step")
     tokens_per_step: int = derived(0, "tokens per optimizer step, all processes together")
     model_width: int = derived(0, "the model's n_embd, after embd_scale")
+    memory_note: str = derived("", "why the micro-batch was shrunk to fit the GPU's memory, if it was")
 
 
 FLAG_FIELDS = [f for f in dataclasses.fields(Hyperparameters) if "derived" not in f.metadata]
@@ -183,6 +186,10 @@ MAX_MTP_STEPS = 4  # the most targets a batch carries: multi-token prediction pr
 # shorter budget; see README, The speedrun recipe, for the runs that chose these).
 RECIPE_PRESETS = {
     ("speedrun", "shakespeare_char"): dict(max_iters=600, learning_rate=6e-3, muon_lr=0.05),
+    # Published, not yet measured here: the rates of the NanoGPT speedrun's Muon-era GPT-2 small record on FineWeb
+    # (modded-nanogpt, records/111024_UNetDoubleLr, 2024-11-10: the same 524,288-token batch; Muon 0.04 for hidden
+    # matrices, Adam 0.6 for the embedding, 0.008 for the head, 0.04 for scalars, betas 0.9/0.95).
+    ("speedrun", "gpt2_124m"): dict(muon_lr=0.04, embed_lr=0.6, head_lr=0.008, learning_rate=0.04),
 }
 
 CHOICES = dict(recipe=list(RECIPES), pos_emb=["rope", "learned"], norm=["rms", "layer"], mlp=["relu2", "gelu"],
@@ -286,7 +293,7 @@ def resolve_config(argv, world_size=1):
     values.update(resolve_spellings(values, spellings))
     cfg = Hyperparameters(**values)
     validate_config(cfg)  # 6, for the flags; derive() checks what it derives
-    cfg = derive(cfg, world_size)  # 5
+    cfg = derive(cfg, world_size, batch_given="batch_size" in flags)  # 5
     check_run_files(cfg, resumed_run_id=checkpoint.get("run_id"))
     return cfg
 
@@ -378,8 +385,10 @@ def scaled_width(n_embd, n_head, factor):
     return max(unit, int(round(n_embd * factor / unit)) * unit)
 
 
-def derive(cfg, world_size):
-    """Step 5: the values the other fields decide, each checked where it can be impossible."""
+def derive(cfg, world_size, batch_given=False):
+    """Step 5: the values the other fields decide, each checked where it can be impossible. On a GPU a preset's
+    micro-batch that would not fit in its memory shrinks (and the accumulation grows), unless --batch_size was
+    given."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else
                             "mps" if torch.backends.mps.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -399,13 +408,22 @@ def derive(cfg, world_size):
                          f"--max_iters {max_iters}")
     micro_batch_size, accum_steps_per_rank = split_batch(cfg.batch_size, cfg.grad_accum_steps, world_size)
     run_id = cfg.run_id or f"{datetime.datetime.now():%Y%m%d_%H%M%S}_{uuid.uuid4().hex[:6]}"
-    return dataclasses.replace(
+    cfg = dataclasses.replace(
         cfg, device=device, compile=device == "cuda" if cfg.compile is None else cfg.compile, n_kv_head=n_kv_head,
         warmdown_iters=warmdown, lr_decay_iters=cfg.lr_decay_iters or max_iters,
-        sn_lr=cfg.sn_lr or SN_LR_MULTIPLIER * cfg.learning_rate, run_id=run_id, world_size=world_size,
+        sn_lr=cfg.sn_lr or SN_LR_MULTIPLIER * cfg.learning_rate, embed_lr=cfg.embed_lr or cfg.learning_rate,
+        head_lr=cfg.head_lr or cfg.learning_rate, run_id=run_id, world_size=world_size,
         micro_batch_size=micro_batch_size, accum_steps_per_rank=accum_steps_per_rank,
         tokens_per_step=cfg.batch_size * cfg.grad_accum_steps * cfg.block_size,
         model_width=scaled_width(cfg.n_embd, cfg.n_head, cfg.embd_scale) if cfg.embd_scale != 1.0 else cfg.n_embd)
+    if device == "cuda" and not batch_given:
+        try:
+            vocab_size = load_meta(cfg.input_bin)["vocab_size"]
+        except UsageError:  # the data is checked later; estimate with GPT-2's vocabulary meanwhile
+            vocab_size = GPT2_VOCAB_SIZE
+        micro, accum, note = fit_micro_batch(cfg, vocab_size, torch.cuda.get_device_properties(0).total_memory)
+        cfg = dataclasses.replace(cfg, micro_batch_size=micro, accum_steps_per_rank=accum, memory_note=note)
+    return cfg
 
 
 def validate_config(cfg):
@@ -425,6 +443,9 @@ def validate_config(cfg):
     for name in ("learning_rate", "muon_lr", "adafactor_lr"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("embed_lr", "head_lr"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name} must be positive (or 0 for --learning_rate), got {getattr(cfg, name)}")
     if cfg.sn_lr < 0:
         raise UsageError(f"--sn_lr must be positive (or 0 for {SN_LR_MULTIPLIER:g} * learning_rate), got {cfg.sn_lr}")
     if not 0 <= cfg.dropout < 1:
@@ -549,8 +570,11 @@ def load_meta(pattern):
             raise UsageError(f"{path}: a char tokenizer needs \"chars\", a string of distinct characters; {fix}")
         meta["vocab_size"] = len(chars)
     else:
-        meta["vocab_size"] = 50257
+        meta["vocab_size"] = GPT2_VOCAB_SIZE
     return meta
+
+
+GPT2_VOCAB_SIZE = 50257
 
 
 def gpt2_encoding():
@@ -878,6 +902,40 @@ def count_params(gcfg):
     """Parameter count of a model config, built on the meta device (no memory, no time)."""
     with torch.device("meta"):
         return sum(p.numel() for p in GPT(gcfg).parameters())
+
+
+def estimate_train_memory(gcfg, micro_batch_size, precision):
+    """Estimated peak bytes of a training step on a GPU; an estimate, not a measurement. fp32 weights, gradients
+    and two moments (AdamW's; Muon keeps one, so this errs high); the activations the backward pass keeps, 34
+    bytes per token per layer per unit of width at 16-bit precision (Korthikanti et al., "Reducing Activation
+    Recomputation in Large Transformer Models", 2022, less the attention matrix that fused attention never stores),
+    twice that in fp32; and the logits of every predicted offset, 14 bytes an element (the 16-bit matmul output,
+    its fp32 copy, the soft-capped values and the log-softmax)."""
+    tokens = micro_batch_size * gcfg.block_size
+    activation_bytes = 34 * tokens * gcfg.n_embd * gcfg.n_layer * (2 if precision == "fp32" else 1)
+    logit_bytes = 14 * tokens * gcfg.vocab_size * gcfg.mtp_steps
+    return 16 * count_params(gcfg) + activation_bytes + logit_bytes
+
+
+# The share of a GPU's memory a step may plan to use: the rest is for the CUDA context, the allocator's
+# fragmentation and compilation's workspaces.
+MEMORY_HEADROOM = 0.9
+
+
+def fit_micro_batch(cfg, vocab_size, capacity_bytes):
+    """(micro_batch_size, accum_steps_per_rank, note): the micro-batch halved, and the accumulation doubled so the
+    global batch stays, until the estimated peak fits in MEMORY_HEADROOM of capacity_bytes (or the micro-batch is
+    odd); note says what changed, or is ''."""
+    gcfg = gpt_config(cfg, vocab_size)
+    micro, accum = cfg.micro_batch_size, cfg.accum_steps_per_rank
+    need = estimate_train_memory(gcfg, micro, cfg.precision)
+    while estimate_train_memory(gcfg, micro, cfg.precision) > MEMORY_HEADROOM * capacity_bytes and micro % 2 == 0:
+        micro, accum = micro // 2, accum * 2
+    if micro == cfg.micro_batch_size:
+        return micro, accum, ""
+    return micro, accum, (f"a micro-batch of {cfg.micro_batch_size} needs about {need / 2**30:.1f} GiB of the GPU's "
+                          f"{capacity_bytes / 2**30:.1f} GiB, so each process runs {accum} micro-batches of {micro} "
+                          "(the global batch is unchanged; --batch_size sets the micro-batch yourself)")
 
 
 def describe_model(gcfg):
@@ -1291,9 +1349,9 @@ class Adafactor(torch.optim.Optimizer):
 # Optimizer setup: which parameters each optimizer takes, the learning-rate schedule, one update
 
 def param_groups_for(model):
-    """Splits parameters: hidden matrices (>= 2-D inside the blocks and MTP modules) vs the rest
-    (embeddings, output head and every 1-D parameter)."""
-    hidden, embed_head, vectors = [], [], []
+    """Splits parameters four ways: hidden matrices (>= 2-D inside the blocks and MTP modules), embeddings, an
+    untied output head (a tied one is the token embedding), and every 1-D parameter."""
+    hidden, embeddings, head, vectors = [], [], [], []
     seen = set()
     for name, p in model.named_parameters():
         if id(p) in seen:
@@ -1301,25 +1359,28 @@ def param_groups_for(model):
         seen.add(id(p))
         if p.ndim < 2:
             vectors.append(p)
-        elif name.startswith(("wte", "wpe", "lm_head")):
-            embed_head.append(p)
+        elif name.startswith(("wte", "wpe")):
+            embeddings.append(p)
+        elif name.startswith("lm_head"):
+            head.append(p)
         else:
             hidden.append(p)
-    return hidden, embed_head, vectors
+    return hidden, embeddings, head, vectors
 
 
 def build_optimizers(model, cfg, device):
     """The optimizers --optimizer names, each group remembering its peak lr as 'initial_lr'. Weight decay goes to
     matrices and embeddings only. Muon and AdamSN treat the hidden matrices their own way and give embeddings, head
-    and 1-D parameters the Adam-family treatment with --learning_rate; Adafactor runs every parameter at
-    --adafactor_lr.
+    and 1-D parameters the Adam-family treatment with --learning_rate (with Muon, the embeddings at --embed_lr and
+    the head at --head_lr); Adafactor runs every parameter at --adafactor_lr.
 
     Decoupled weight decay shrinks a parameter by lr * weight_decay per step, so a group with a 10-25x larger rate
     would decay 10-25x harder than under AdamW. AdamSN's subset-norm group and Adafactor's groups therefore get
     weight_decay * learning_rate / their lr: every decayed matrix shrinks by the same 1 - lr_t * weight_decay per
     step as under AdamW at --learning_rate (the README's optimizer section shows what the stronger decay cost).
     Muon keeps torch.optim.Muon's lr * weight_decay with its own rate."""
-    hidden, embed_head, vectors = param_groups_for(model)
+    hidden, embeddings, head, vectors = param_groups_for(model)
+    embed_head = embeddings + head
     betas, wd, lr = (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.learning_rate
     fused = device.type == "cuda"
 
@@ -1332,9 +1393,11 @@ def build_optimizers(model, cfg, device):
     elif cfg.optimizer == "adam":
         optimizers = [torch.optim.Adam(hidden + embed_head + vectors, lr=lr, betas=betas, eps=1e-8, fused=fused)]
     elif cfg.optimizer == "muon":
+        adam_groups = [dict(params=embeddings, lr=cfg.embed_lr, weight_decay=wd),
+                       dict(params=head, lr=cfg.head_lr, weight_decay=wd), dict(params=vectors, weight_decay=0.0)]
         optimizers = [Muon(hidden, lr=cfg.muon_lr, momentum=0.95, nesterov=True, weight_decay=wd),
-                      torch.optim.AdamW([dict(params=embed_head, weight_decay=wd), dict(params=vectors,
-                                        weight_decay=0.0)], lr=lr, betas=betas, eps=1e-8, fused=fused)]
+                      torch.optim.AdamW([g for g in adam_groups if g["params"]], lr=lr, betas=betas, eps=1e-8,
+                                        fused=fused)]
     elif cfg.optimizer == "adamsn":
         sn_lr = cfg.sn_lr
         optimizers = [AdamSN([dict(params=hidden, subset_norm=True, lr=sn_lr, weight_decay=decay_as_adamw(sn_lr)),
@@ -1983,6 +2046,8 @@ def log_header(log, cfg, trainer):
         log(f"{key}: {value}", console=False)
     log(f"batch: {cfg.tokens_per_step:,} tokens per step = {cfg.world_size} process(es) x "
         f"{cfg.accum_steps_per_rank} micro-batch(es) x {cfg.micro_batch_size} sequences x {cfg.block_size} tokens")
+    if cfg.memory_note:
+        log(f"batch: {cfg.memory_note}")
     if cfg.embd_scale != 1.0:
         before = dataclasses.replace(trainer.gcfg, n_embd=cfg.n_embd)
         log(f"model before embd_scale {cfg.embd_scale}: {describe_model(before)}")

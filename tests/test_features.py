@@ -33,18 +33,18 @@ def test_attention_with_all_kv_heads_is_multi_head_attention():
     torch.testing.assert_close(attn(x), expected, atol=1e-6, rtol=1e-5)
 
 
-def test_gqa_shares_kv_heads_the_same_with_or_without_enable_gqa(monkeypatch):
+def test_gqa_shares_kv_heads_the_same_with_or_without_enable_gqa():
     torch.manual_seed(0)
     attn = train_gpt.CausalSelfAttention(small_config(n_kv_head=2))
     assert attn.kv_proj.weight.shape == (2 * 2 * 8, 32) and attn.q_proj.weight.shape == (32, 32)
     x = torch.randn(2, 10, 32)
-    native = attn(x)
-    monkeypatch.setattr(train_gpt, "SDPA_HAS_GQA", False)
-    torch.testing.assert_close(attn(x), native, atol=1e-6, rtol=1e-5)
-    # Query heads 0 and 1 share key/value head 0: copying heads by hand must give the same output.
+    native = attn(x)  # on the CPU the key/value heads are repeated (enable_gqa is for fused CUDA kernels)
     q = attn.q_proj(x).view(2, 10, 4, 8).transpose(1, 2)
-    k, v = attn.kv_proj(x).view(2, 10, 2, 2, 8).unbind(2)
-    k, v = (t.transpose(1, 2).repeat_interleave(2, dim=1) for t in (k, v))
+    k, v = (t.transpose(1, 2) for t in attn.kv_proj(x).view(2, 10, 2, 2, 8).unbind(2))
+    shared = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(attn.c_proj(shared.transpose(1, 2).reshape(2, 10, 32)), native, atol=1e-6, rtol=1e-5)
+    # Query heads 0 and 1 share key/value head 0: copying heads by hand must give the same output.
+    k, v = (t.repeat_interleave(2, dim=1) for t in (k, v))
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 10, 32)
     torch.testing.assert_close(attn.c_proj(y), native, atol=1e-6, rtol=1e-5)
 

@@ -172,3 +172,23 @@ def test_gpt2_124m_dress_rehearsal_on_cpu(tmp_path):
     assert result["steps"] == 5 and len([r for r in rows if "train_loss" in r]) == 5
     assert all(torch.isfinite(torch.tensor(r.get("train_loss", r.get("val_loss")))) for r in rows)
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+
+
+# --- a GPU with less memory than the preset assumes
+
+def test_micro_batch_shrinks_to_fit_a_smaller_gpu_unless_batch_size_is_given(monkeypatch):
+    class Properties:
+        total_memory = 24 * 2 ** 30
+    monkeypatch.setattr(train_gpt.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train_gpt.torch.cuda, "get_device_properties", lambda index: Properties)
+    cfg = train_gpt.resolve_config(["--preset", "gpt2_124m", "--device", "cuda"])
+    assert (cfg.micro_batch_size, cfg.accum_steps_per_rank, cfg.tokens_per_step) == (16, 32, 524_288)
+    assert "a micro-batch of 64 needs about" in cfg.memory_note and "24.0 GiB" in cfg.memory_note
+    gcfg = train_gpt.gpt_config(cfg, train_gpt.GPT2_VOCAB_SIZE)
+    assert train_gpt.estimate_train_memory(gcfg, 16, "bf16") <= 0.9 * Properties.total_memory
+    assert train_gpt.estimate_train_memory(gcfg, 32, "bf16") > 0.9 * Properties.total_memory
+    explicit = train_gpt.resolve_config(["--preset", "gpt2_124m", "--device", "cuda", "--batch_size", "64"])
+    assert (explicit.micro_batch_size, explicit.accum_steps_per_rank, explicit.memory_note) == (64, 8, "")
+    Properties.total_memory = 80 * 2 ** 30
+    roomy = train_gpt.resolve_config(["--preset", "gpt2_124m", "--device", "cuda"])
+    assert (roomy.micro_batch_size, roomy.accum_steps_per_rank) == (64, 8)
