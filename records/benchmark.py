@@ -10,13 +10,15 @@ Suites:
   optimizers  --recipe classic, all steps: a learning-rate sweep per optimizer at --sweep_steps (default --steps;
               grids in LR_GRID) on --sweep_seed, then every optimizer at its best rate for --steps on every seed
               (default 1338, a seed the sweep did not choose on; a seed/length the sweep already ran is reused).
-  recipes     classic against speedrun to the preset's target val loss (1.88), alternating, for every seed;
-              --ablate also runs speedrun with one of its features switched off at a time (first seed).
+  recipes     classic against speedrun to --target (1.88), alternating, for every seed, each on its own step
+              budget (classic --steps; speedrun SPEEDRUN_SETTINGS' max_iters or --speedrun_steps) with the
+              speedrun's SPEEDRUN_SETTINGS; medians over seeds and their ratio. --ablate also runs the speedrun
+              with one piece switched off (or one setting put back to the preset's) at a time, on every seed.
 
 Usage:
   python records/benchmark.py --suite features [--steps 2000] [--seeds 1337]
   python records/benchmark.py --suite optimizers [--steps 2000] [--sweep_steps 2000] [--seeds 1338]
-  python records/benchmark.py --suite recipes [--seeds 1337 1338 1339] [--ablate]
+  python records/benchmark.py --suite recipes [--steps 3000] [--seeds 1337 1338 1339] [--ablate]
   python records/benchmark.py --suite features --steps 20 --only mha gqa1       # a smoke test of two configs
   python records/benchmark.py --suite recipes --steps 8 --seeds 1 --data /tmp/tiny \\
       --extra "--n_layer 1 --n_embd 32 --n_head 2 --block_size 16 --batch_size 4"  # appended to every run
@@ -37,6 +39,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -79,6 +82,20 @@ FALLBACK_LR = 2e-3
 
 RECIPES = ["classic", "speedrun"]
 
+# The speedrun's settings in the recipes suite: train_gpt.py flags on top of its preset
+# (RECIPE_PRESETS[("speedrun", "shakespeare_char")]), meant to become that entry's defaults. max_iters is the
+# step budget (--speedrun_steps overrides it; the warmdown stays WARMDOWN_FRACTION of it); eval_interval only sets
+# how often the (untimed) whole-split validation checks for the target.
+SPEEDRUN_SETTINGS = dict(
+    batch_size=48,         # 4x the preset's 12: bigger matrix products use 2 cores better, and Muon's per-step
+                           # cost (Newton-Schulz on every hidden matrix) is shared by 4x the tokens
+    max_iters=160,         # about the preset's 600-step token budget / 4, rounded up
+    compile=True,          # fuses the elementwise ops (RMSNorm, rotary, ReLU², soft-cap); see no_compile below
+    learning_rate=6e-3,    # AdamW for embeddings, head and vectors
+    muon_lr=0.05,          # Muon for the hidden matrices
+    eval_interval=10,
+)
+
 # speedrun with one feature switched off (or swapped for classic's choice)
 ABLATIONS = {
     "learned_pos_emb": ["--pos_emb", "learned"],
@@ -92,6 +109,13 @@ ABLATIONS = {
     "cosine_schedule": ["--schedule", "cosine"],
 }
 
+# speedrun settings that ablation rows put back to the preset's, one row each (the preset's batch runs the same
+# tokens: 4x the steps)
+SETTING_ABLATIONS = {
+    "preset_batch": dict(batch_size=12),
+    "no_compile": dict(compile=False),
+}
+
 SUITE_DEFAULTS = {
     "features": dict(seeds=[1337], eval_interval=250),
     "optimizers": dict(seeds=[1338], eval_interval=250),
@@ -101,7 +125,15 @@ SUITE_DEFAULTS = {
 
 def suite_names(suite):
     """The names --only may pick for a suite."""
-    return {"features": list(FEATURES), "optimizers": list(LR_GRID), "recipes": RECIPES + list(ABLATIONS)}[suite]
+    return {"features": list(FEATURES), "optimizers": list(LR_GRID),
+            "recipes": RECIPES + list(ABLATIONS) + list(SETTING_ABLATIONS)}[suite]
+
+
+def settings_flags(settings):
+    """train_gpt.py flags for a settings dict, without max_iters (a run's step budget is passed on its own)."""
+    return [t for key, value in settings.items() if key != "max_iters"
+            for t in (f"--{key}", value if isinstance(value, str) else f"{value:g}" if isinstance(value, float)
+                      else str(value))]
 
 
 # --- formatting
@@ -267,8 +299,10 @@ def run_config(bench, name, flags, seed, steps, recipe, label=None):
     result = dict(name=name, seed=seed, run_id=run_id, recipe=recipe, flags=" ".join(flags), argv=argv)
     log_path, metrics_path = (os.path.join(bench.log_dir, f"{run_id}.txt"),
                               os.path.join(bench.log_dir, run_id, "metrics.jsonl"))
-    if os.path.exists(metrics_path):  # a rerun into the same --log_dir rewrites the log; train_gpt.py appends here
-        os.remove(metrics_path)
+    # a rerun into the same --log_dir replaces the run: train_gpt.py refuses a run_id whose files exist
+    if os.path.exists(log_path):
+        os.remove(log_path)
+    shutil.rmtree(os.path.join(bench.log_dir, run_id), ignore_errors=True)
     bench.progress.begin(label or f"{name} seed {seed}")
     start = time.time()
     proc = subprocess.run([sys.executable, "train_gpt.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -403,65 +437,129 @@ def optimizers_plan(args):
     return sweeps + len(opts) * finals, sweeps * args.sweep_steps + len(opts) * finals * args.steps
 
 
+def median(values):
+    """The median; None (a run that failed or missed the target) counts as slower than any time. None when more
+    than half are None, or there is nothing."""
+    if not values:
+        return None
+    ordered = sorted(values, key=lambda v: (v is None, v))
+    mid = len(ordered) // 2
+    pair = ordered[mid:mid + 1] if len(ordered) % 2 else ordered[mid - 1:mid + 1]
+    return None if None in pair else sum(pair) / len(pair)
+
+
+def speedrun_budget(args, settings=None):
+    """The speedrun's --max_iters: --speedrun_steps or SPEEDRUN_SETTINGS', scaled to the same tokens when
+    `settings` change the batch size."""
+    steps = args.speedrun_steps or SPEEDRUN_SETTINGS["max_iters"]
+    batch = (settings or {}).get("batch_size", SPEEDRUN_SETTINGS["batch_size"])
+    return max(1, round(steps * SPEEDRUN_SETTINGS["batch_size"] / batch))
+
+
+def recipe_run(bench, args, recipe, seed):
+    if recipe == "classic":
+        return run_config(bench, recipe, [], seed, args.steps, recipe)
+    return run_config(bench, recipe, settings_flags(SPEEDRUN_SETTINGS), seed, speedrun_budget(args), recipe)
+
+
+def time_summary(name, runs, **extra):
+    """One row: how many runs reached the target, the median time/step/tokens to it, the mean best val loss."""
+    reached = [r["reached_time_s"] if r["ok"] and r["reached"] else None for r in runs]
+    hit = [r for r in runs if r["ok"] and r["reached"]]
+    best = [r["best_val_loss"] for r in runs if r["ok"]]
+    return dict(name=name, reached=f"{len(hit)}/{len(runs)}", time=median(reached),
+                times=" ".join("-" if t is None else f"{t:.1f}" for t in reached),
+                step=median([r["reached_step"] if r["ok"] and r["reached"] else None for r in runs]),
+                tokens=median([r["reached_tokens"] if r["ok"] and r["reached"] else None for r in runs]),
+                best=mean(best) if best else None, **extra)
+
+
 def recipes_suite(bench, args, report):
     recipes = [r for r in RECIPES if r in args.only]
-    budget = {"classic": args.steps, "speedrun": args.speedrun_steps}
-    runs = [run_config(bench, recipe, [], seed, budget[recipe], recipe)
-            for seed in args.seeds for recipe in recipes]
+    runs = [recipe_run(bench, args, recipe, seed) for seed in args.seeds for recipe in recipes]
     target = f"{args.target:g}"
     columns = [("recipe", "name", ""), ("seed", "seed", "d"), ("reached", "reached", ""), ("step", "reached_step", "d"),
                ("train time (s)", "reached_time_s", ".1f"), ("tokens", "reached_tokens", ",.0f"),
                ("best val loss", "best_val_loss", ".4f"), ("final val loss", "final_val_loss", ".4f")]
+    budgets = f"classic up to {args.steps} steps, speedrun up to {speedrun_budget(args)} steps with " \
+        f"`{' '.join(settings_flags(SPEEDRUN_SETTINGS))}`"
     if runs:
-        report.add(f"## recipes: classic vs speedrun, up to {args.steps} steps, target val loss {target}",
+        report.add(f"## recipes: classic vs speedrun, target val loss {target}", budgets,
                    markdown_table(runs, columns), failure_notes(runs))
-    summary = []
-    for recipe in recipes:
-        mine = [r for r in runs if r["name"] == recipe]
-        hit = [r for r in mine if r["ok"] and r["reached"]]
-        summary.append(dict(name=recipe, reached=f"{len(hit)}/{len(mine)}",
-                            time=mean([r["reached_time_s"] for r in hit]), step=mean([r["reached_step"] for r in hit]),
-                            tokens=mean([r["reached_tokens"] for r in hit]),
-                            best=mean([r["best_val_loss"] for r in mine if r["ok"]])))
+    summary = [time_summary(recipe, [r for r in runs if r["name"] == recipe]) for recipe in recipes]
     times = {s["name"]: s["time"] for s in summary}
     ratio = times["speedrun"] / times["classic"] if times.get("speedrun") is not None and times.get("classic") \
         else None
+    pairs = [(a, b) for a, b in zip(runs[::2], runs[1::2]) if len(recipes) == 2]
+    pair_ratios = [b["reached_time_s"] / a["reached_time_s"] for a, b in pairs
+                   if a["ok"] and b["ok"] and a["reached"] and b["reached"]]
     if summary:
-        columns = [("recipe", "name", ""), ("reached", "reached", ""), ("mean time to target (s)", "time", ".1f"),
-                   ("mean step", "step", ".0f"), ("mean tokens", "tokens", ",.0f"),
+        columns = [("recipe", "name", ""), ("reached", "reached", ""), ("median time to target (s)", "time", ".1f"),
+                   ("times (s)", "times", ""), ("median step", "step", ".0f"), ("median tokens", "tokens", ",.0f"),
                    ("mean best val loss", "best", ".4f")]
         ratio_text = f"{ratio:.3f}" if ratio is not None else "n/a (needs both recipes to reach the target)"
-        report.add("## recipes: mean over seeds (times over the runs that reached the target)",
-                   markdown_table(summary, columns), f"speedrun / classic mean time to target: {ratio_text}")
+        pair_text = " ".join(f"{x:.3f}" for x in pair_ratios) or "n/a"
+        report.add("## recipes: median over seeds (a run that missed the target counts as slowest)",
+                   markdown_table(summary, columns),
+                   f"speedrun / classic median time to target: {ratio_text}\n\n"
+                   f"speedrun / classic per seed (runs back to back): {pair_text}")
     if args.ablate:
-        ablations_suite(bench, args, report, next((r for r in runs if r["name"] == "speedrun"), None))
+        ablations_suite(bench, args, report, [r for r in runs if r["name"] == "speedrun"])
+
+
+def ablation_configs(args):
+    """(name, flags, steps) of every ablation --only keeps: a recipe piece switched off, or a speedrun setting put
+    back to the preset's."""
+    out = []
+    for name, flags in ABLATIONS.items():
+        if name in args.only:
+            out.append((name, settings_flags(SPEEDRUN_SETTINGS) + flags, speedrun_budget(args)))
+    for name, changed in SETTING_ABLATIONS.items():
+        if name in args.only:
+            out.append((name, settings_flags({**SPEEDRUN_SETTINGS, **changed}), speedrun_budget(args, changed)))
+    return out
 
 
 def ablations_suite(bench, args, report, full):
-    seed = args.seeds[0]
-    rows = [run_config(bench, f"ablate_{name}", flags, seed, args.speedrun_steps, "speedrun",
-                       label=f"speedrun ablation {name} seed {seed}")
-            for name, flags in ABLATIONS.items() if name in args.only]
-    base = full if full and full["ok"] else None
+    """Every ablation on every seed; one row each with the median time to target against the full speedrun's."""
+    results = {}
+    for seed in args.seeds:
+        for name, flags, steps in ablation_configs(args):
+            results.setdefault(name, []).append(
+                run_config(bench, f"ablate_{name}", flags, seed, steps, "speedrun",
+                           label=f"speedrun ablation {name} seed {seed}"))
+    base = time_summary("speedrun (full)", full, flags="") if full else None
+    rows = [time_summary(name, runs, flags=" ".join(flags[len(settings_flags(SPEEDRUN_SETTINGS)):])
+                         if name in ABLATIONS else " ".join(f"--{k} {v}" for k, v in SETTING_ABLATIONS[name].items())
+                         + f" --max_iters {steps}")
+            for (name, flags, steps), runs in zip(ablation_configs(args), results.values())]
     for r in rows:
-        if r["ok"] and base:
-            r["delta_best"] = r["best_val_loss"] - base["best_val_loss"]
-            if r["reached"] and base["reached"]:
-                r["delta_time"] = r["reached_time_s"] - base["reached_time_s"]
-    shown = ([dict(base, name="speedrun (full)", flags="")] if base else []) + rows
-    columns = [("ablation", lambda r: r["name"].removeprefix("ablate_"), ""), ("flags", "flags", ""),
-               ("reached", "reached", ""), ("step", "reached_step", "d"),
-               ("time to target (s)", "reached_time_s", ".1f"), ("best val loss", "best_val_loss", ".4f"),
-               ("delta time (s)", "delta_time", "+.1f"), ("delta best val loss", "delta_best", "+.4f")]
-    report.add(f"## recipes: speedrun ablations, seed {seed} (deltas vs the full speedrun)",
-               markdown_table(shown, columns), failure_notes(rows))
+        if base and base["time"] is not None and r["time"] is not None:
+            r["delta_time"] = r["time"] - base["time"]
+            r["time_ratio"] = r["time"] / base["time"]
+        if base and base["best"] is not None and r["best"] is not None:
+            r["delta_best"] = r["best"] - base["best"]
+    columns = [("ablation", "name", ""), ("flags", "flags", ""), ("reached", "reached", ""),
+               ("median time (s)", "time", ".1f"), ("times (s)", "times", ""), ("median step", "step", ".0f"),
+               ("mean best val loss", "best", ".4f"), ("time vs full", "time_ratio", ".2f"),
+               ("delta best val loss", "delta_best", "+.4f")]
+    seeds = " ".join(map(str, args.seeds))
+    every = [r for runs in results.values() for r in runs]
+    report.add(f"## recipes: speedrun ablations, seeds {seeds} (one piece off at a time; medians vs the full "
+               "speedrun's; a run that missed the target counts as slowest)",
+               markdown_table(([base] if base else []) + rows, columns), failure_notes(every))
 
 
 def recipes_plan(args):
-    runs = len([r for r in RECIPES if r in args.only]) * len(args.seeds)
+    recipes = [r for r in RECIPES if r in args.only]
+    budget = {"classic": args.steps, "speedrun": speedrun_budget(args)}
+    runs = len(recipes) * len(args.seeds)
+    steps = sum(budget[r] for r in recipes) * len(args.seeds)
     if args.ablate:
-        runs += len([a for a in ABLATIONS if a in args.only])
-    return runs, runs * args.steps
+        configs = ablation_configs(args)
+        runs += len(configs) * len(args.seeds)
+        steps += sum(s for _, _, s in configs) * len(args.seeds)
+    return runs, steps
 
 
 SUITES = {"features": (features_suite, features_plan), "optimizers": (optimizers_suite, optimizers_plan),
@@ -501,18 +599,19 @@ def build_parser():
     parser.add_argument("--steps", type=int, default=2000,
                         help="--max_iters of every run (recipes: the most steps to reach the target); default 2000")
     parser.add_argument("--speedrun_steps", type=int, default=None,
-                        help="recipes: the speedrun's --max_iters (default: the recipe's own budget on the preset)")
+                        help="recipes: the speedrun's --max_iters (default: SPEEDRUN_SETTINGS' max_iters)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds (default: 1337 for features, 1338 for optimizers, 1337 1338 1339 for recipes)")
     parser.add_argument("--sweep_steps", type=int, default=None,
                         help="optimizers: steps of each sweep run (default: --steps)")
     parser.add_argument("--sweep_seed", type=int, default=1337, help="optimizers: the sweep's seed; default 1337")
-    parser.add_argument("--eval_interval", type=int, default=None, help="default 250 (recipes: 50)")
+    parser.add_argument("--eval_interval", type=int, default=None,
+                        help="default 250 (recipes: 50; the speedrun takes SPEEDRUN_SETTINGS')")
     parser.add_argument("--target", type=float, default=1.88,
                         help="recipes: --target_val_loss of every run (default 1.88: nanoGPT's figure on "
                              "tinyshakespeare)")
     parser.add_argument("--ablate", action="store_true",
-                        help="recipes: also run speedrun with each of its features off, one at a time (first seed)")
+                        help="recipes: also run speedrun with each of its pieces off, one at a time, every seed")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
                         help="run only these configs (features: config names; optimizers: optimizer names; recipes: "
                              "classic, speedrun and ablation names)")

@@ -4,8 +4,10 @@
 Two panels: val loss against train time (minutes) and against training tokens
 (step * tokens_per_step from each log's header). One curve per log, labelled
 by file name; the target val loss is drawn as a dashed horizontal line.
+--group_by KEY (a header key such as recipe) gives the logs that share its
+value one colour and one legend entry, e.g. three seeds of each recipe.
 
-Usage: python records/plot.py LOG [LOG ...] -o curves.png [--target X]
+Usage: python records/plot.py LOG [LOG ...] -o curves.png [--target X] [--group_by recipe] [--title TEXT]
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def load_curve(path) -> dict:
         "tokens": [v["step"] * tokens_per_step for v in val],
         "val_loss": [finite(v["loss"]) for v in val],
         "target": header_float(header, "target_val_loss"),
+        "header": header,
     }
 
 
@@ -69,16 +72,39 @@ def _labels(paths) -> list[str]:
     return out
 
 
-def plot_curves(curves: list[dict], out_path, target: float | None = None) -> None:
+def groups(curves: list[dict], key: str) -> list[tuple[str, list[dict]]]:
+    """(value, curves) for each value of header `key`, in order of first appearance. Raises PlotError when a log
+    lacks the key."""
+    out: dict[str, list[dict]] = {}
+    for curve in curves:
+        value = curve["header"].get(key)
+        if value is None:
+            raise PlotError(f"{curve['path']}: no '{key}:' header line to group by")
+        out.setdefault(value, []).append(curve)
+    return list(out.items())
+
+
+def plot_curves(curves: list[dict], out_path, target: float | None = None, group_by: str | None = None,
+                title: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_n) = plt.subplots(1, 2, figsize=(13, 5))
-    for curve, label in zip(curves, _labels([c["path"] for c in curves])):
-        ax_t.plot(curve["minutes"], curve["val_loss"], marker=".", label=label)
-        ax_n.plot(curve["tokens"], curve["val_loss"], marker=".", label=label)
+    if group_by:
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+        def legend(value, n):
+            return f"{group_by} {value} ({n} run{'s' * (n != 1)})"
+
+        styled = [(curve, dict(color=colours[i % len(colours)], label=legend(value, len(members)) if j == 0 else None))
+                  for i, (value, members) in enumerate(groups(curves, group_by)) for j, curve in enumerate(members)]
+    else:
+        styled = [(curve, dict(label=label)) for curve, label in zip(curves, _labels([c["path"] for c in curves]))]
+    for curve, style in styled:
+        ax_t.plot(curve["minutes"], curve["val_loss"], marker=".", **style)
+        ax_n.plot(curve["tokens"], curve["val_loss"], marker=".", **style)
     if target is not None:
         targets = [target]
     else:
@@ -93,6 +119,8 @@ def plot_curves(curves: list[dict], out_path, target: float | None = None) -> No
     ax_t.set_title("val loss vs train time")
     ax_n.set_xlabel("training tokens")
     ax_n.set_title("val loss vs tokens")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=120)
@@ -106,13 +134,18 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--output", default="curves.png", help="output PNG path (default: curves.png)")
     ap.add_argument("--target", type=float, default=None,
                     help="target val loss line (default: target_val_loss from the log headers)")
+    ap.add_argument("--group_by", default=None, metavar="KEY",
+                    help="one colour and legend entry per value of this log header key (e.g. recipe)")
+    ap.add_argument("--title", default=None, help="figure title")
     args = ap.parse_args(argv)
     try:
         curves = [load_curve(p) for p in args.logs]
+        if args.group_by:
+            groups(curves, args.group_by)
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    plot_curves(curves, args.output, target=args.target)
+    plot_curves(curves, args.output, target=args.target, group_by=args.group_by, title=args.title)
     print(f"wrote {args.output}")
     return 0
 

@@ -11,11 +11,18 @@ BENCH = os.path.join(ROOT, "records", "benchmark.py")
 TINY = "--n_layer 1 --n_embd 32 --n_head 2 --block_size 16 --batch_size 4 --eval_interval 4 --timing_warmup_steps 0"
 
 
-def run_bench(tmp_path, *args, data=True):
+def run_bench(tmp_path, *args, data=True, extra=TINY):
     if data:
         make_char_data(str(tmp_path / "data"))
     return subprocess.run([sys.executable, BENCH, "--data", str(tmp_path / "data"), "--log_dir", str(tmp_path / "logs"),
-                           "--extra", TINY, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                           "--extra", extra, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("benchmark", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
 
 
 def table(markdown, heading):
@@ -32,7 +39,8 @@ def table(markdown, heading):
 
 
 def test_recipes_table_has_a_row_per_config_with_numbers_from_the_metrics(tmp_path):
-    proc = run_bench(tmp_path, "--suite", "recipes", "--steps", "8", "--seeds", "1", "--only", "classic", "speedrun")
+    proc = run_bench(tmp_path, "--suite", "recipes", "--steps", "8", "--speedrun_steps", "8", "--seeds", "1",
+                     "--only", "classic", "speedrun")
     assert proc.returncode == 0, proc.stderr
     assert "[1/2] classic seed 1 ... elapsed" in proc.stdout and "[2/2] speedrun seed 1 ... elapsed" in proc.stdout
     headers, rows = table((tmp_path / "logs" / "results.md").read_text(), "## recipes: classic vs speedrun")
@@ -69,9 +77,7 @@ def test_missing_data_and_unknown_names_exit_2(tmp_path):
 
 
 def test_markdown_table_formats_and_aligns():
-    spec = importlib.util.spec_from_file_location("benchmark", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench()
     text = bench.markdown_table([dict(name="a", x=1.23456, n=1234567), dict(name="b|c", x=None, n=2)],
                                 [("name", "name", ""), ("x", "x", ".2f"), ("n", "n", ",")])
     assert text.splitlines() == ["| name |    x |         n |",
@@ -98,3 +104,69 @@ def test_optimizers_sweep_picks_the_best_rate_and_reuses_the_run_it_already_made
         assert final[headers_final.index("final val loss")] == chosen[headers.index("final val loss")]
     adafactor_flags = [r[headers.index("flags")] for r in sweep if r[0] == "adafactor"]
     assert all("--adafactor_lr" in f and "--learning_rate" in f for f in adafactor_flags)
+
+
+def test_speedrun_settings_become_flags_and_the_speedrun_runs_on_its_own_budget(tmp_path):
+    bench = load_bench()
+    flags = bench.settings_flags(dict(batch_size=48, max_iters=160, compile=True, learning_rate=6e-3, muon_lr=0.05))
+    assert flags == ["--batch_size", "48", "--compile", "True", "--learning_rate", "0.006", "--muon_lr", "0.05"]
+    # every setting is a train_gpt.py flag
+    import train_gpt
+    cfg = train_gpt.resolve_config(["--preset", "shakespeare_char", "--device", "cpu",
+                                    *bench.settings_flags(bench.SPEEDRUN_SETTINGS)])
+    for key, value in bench.SPEEDRUN_SETTINGS.items():
+        if key != "max_iters":
+            assert getattr(cfg, key) == value
+    proc = run_bench(tmp_path, "--suite", "recipes", "--steps", "6", "--speedrun_steps", "4", "--seeds", "1", "2",
+                     extra=TINY + " --compile False")
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads((tmp_path / "logs" / "results.json").read_text())
+    assert [r["run_id"] for r in runs] == ["recipes_classic_1", "recipes_speedrun_1", "recipes_classic_2",
+                                           "recipes_speedrun_2"]
+    for run in runs:
+        argv = run["argv"]
+        budget = int(argv[argv.index("--max_iters") + 1])
+        assert budget == (6 if run["recipe"] == "classic" else 4)
+        assert ("--muon_lr" in argv) == (run["recipe"] == "speedrun")
+    markdown = (tmp_path / "logs" / "results.md").read_text()
+    headers, rows = table(markdown, "## recipes: median over seeds")
+    assert [r[0] for r in rows] == ["classic", "speedrun"]
+    assert "speedrun / classic median time to target:" in markdown
+    # records/plot.py draws the recipes' logs, one colour per recipe
+    logs = [str(tmp_path / "logs" / f"{r['run_id']}.txt") for r in runs]
+    plot = os.path.join(ROOT, "records", "plot.py")
+    out = tmp_path / "recipes.png"
+    proc = subprocess.run([sys.executable, plot, *logs, "-o", str(out), "--group_by", "recipe", "--title", "t"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc = subprocess.run([sys.executable, plot, *logs, "-o", str(out), "--group_by", "no_such_key"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no 'no_such_key:' header line" in proc.stderr
+
+
+def test_ablations_run_every_seed_and_setting_rows_keep_the_tokens(tmp_path):
+    proc = run_bench(tmp_path, "--suite", "recipes", "--steps", "4", "--speedrun_steps", "4", "--seeds", "1", "2",
+                     "--ablate", "--only", "speedrun", "no_softcap", "preset_batch", extra=TINY + " --compile False")
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads((tmp_path / "logs" / "results.json").read_text())
+    names = [r["run_id"] for r in runs]
+    assert names == ["recipes_speedrun_1", "recipes_speedrun_2", "recipes_ablate_no_softcap_1",
+                     "recipes_ablate_preset_batch_1", "recipes_ablate_no_softcap_2", "recipes_ablate_preset_batch_2"]
+    bench = load_bench()
+    preset = next(r for r in runs if "preset_batch" in r["run_id"])["argv"]
+    ratio = bench.SPEEDRUN_SETTINGS["batch_size"] // 12
+    assert preset[preset.index("--max_iters") + 1] == str(4 * ratio)
+    assert preset[preset.index("--batch_size") + 1] == "12"  # before --extra's tiny batch
+    headers, rows = table((tmp_path / "logs" / "results.md").read_text(), "## recipes: speedrun ablations")
+    assert [r[0] for r in rows] == ["speedrun (full)", "no_softcap", "preset_batch"]
+    assert all(r[headers.index("times (s)")].count(" ") == 1 for r in rows)  # one time (or -) per seed
+
+
+def test_median_counts_a_missed_target_as_slowest():
+    bench = load_bench()
+    assert bench.median([3.0, 1.0, 2.0]) == 2.0
+    assert bench.median([3.0, None, 1.0]) == 3.0
+    assert bench.median([None, None, 1.0]) is None
+    assert bench.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    assert bench.median([]) is None
