@@ -264,7 +264,7 @@ def submit(args) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Verify run logs against a track's rules and add them as a record.")
+    ap = verify.OneLineParser(description="Verify run logs against a track's rules and add them as a record.")
     ap.add_argument("logs", nargs="+", metavar="LOG", help="run logs (logs/<run_id>.txt), each its whole budget")
     ap.add_argument("--track", required=True, help="track name, as in the track table of records/README.md")
     ap.add_argument("--name", required=True, help="short name of the record, e.g. MuonWarmup")

@@ -366,7 +366,7 @@ def _check_metrics(eff: list[dict], rows: list[dict], name: str, target: float) 
         if row is None:
             return f"line {e['lineno']}: {kind} line for step:{step} has no row in {name}"
         full = row.get(f"{kind}_loss")
-        if full is None or not _prints_as(float(full), e["loss_str"]):
+        if not isinstance(full, (int, float)) or not _prints_as(float(full), e["loss_str"]):
             return (f"line {e['lineno']}: {kind}_loss:{e['loss_str']} at step:{step}, but {name} has {full!r}, "
                     f"which prints as {_fmt_like(full, e['loss_str'])}")
         t = row.get("train_time_ms")
@@ -903,8 +903,16 @@ def reproduce(path, parsed: dict, n_steps: int, device: str | None = None, threa
 
 # ---------------------------------------------------------------- command line
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags: one line on stderr and exit code 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         description="Verify train_gpt.py run logs (embedded code hash, step lines on the interval grid, outcome "
                     "line, metrics.jsonl), test that the mean final val loss of fixed-budget runs is below the "
                     "target, and optionally re-run each log's first steps.")

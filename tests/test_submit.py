@@ -30,9 +30,10 @@ def records_copy(tmp_path, target, slower_row=True):
     assert anchor in text
     text = text.replace(anchor, f"| `tiny` | `tiny_char/train_*.bin` | `tiny_char/val_*.bin` | {target:.4f} | any "
                                 f"| any |\n{anchor}", 1)
-    rows = "| 999.0 s (mean of 3) | an older, slower record | 2026-01-01 | [logs](tiny/old) | someone |\n"
+    row = "| 999.0 s (mean of 3) | an older, slower record | 2026-01-01 | [logs](tiny/old) | someone |\n"
     text += ("\n### `tiny`\n\n| time | description | date | log | contributors |\n"
-             "|------|-------------|------|-----|--------------|\n" + (rows if slower_row else "| (none yet) | | | | |\n"))
+             "|------|-------------|------|-----|--------------|\n")
+    text += row if slower_row else "| (none yet) | | | | |\n"
     (records / "README.md").write_text(text)
     return records
 
