@@ -185,7 +185,12 @@ MAX_MTP_STEPS = 4  # the most targets a batch carries: multi-token prediction pr
 # A recipe's own settings on a preset, where they differ from the preset's (the speedrun's schedule is tuned to a
 # shorter budget; see README, The speedrun recipe, for the runs that chose these).
 RECIPE_PRESETS = {
-    ("speedrun", "shakespeare_char"): dict(max_iters=600, learning_rate=6e-3, muon_lr=0.05),
+    # The CPU track (README, records/bench_recipes.md): batch 48, 4x the preset's 12, because bigger matrix products
+    # use 2 cores better and Muon's per-step cost (Newton-Schulz on every hidden matrix) is shared by 4x the tokens;
+    # 160 steps, about the 600-step token budget of batch 12 / 4; compiled, which fuses the elementwise work (norms,
+    # rotary, ReLU², soft-cap); validation every 10 steps, untimed, so the stop comes soon after the target.
+    ("speedrun", "shakespeare_char"): dict(batch_size=48, max_iters=160, compile=True, learning_rate=6e-3,
+                                           muon_lr=0.05, eval_interval=10),
     # Published, not yet measured here: the rates of the NanoGPT speedrun's Muon-era GPT-2 small record on FineWeb
     # (modded-nanogpt, records/111024_UNetDoubleLr, 2024-11-10: the same 524,288-token batch; Muon 0.04 for hidden
     # matrices, Adam 0.6 for the embedding, 0.008 for the head, 0.04 for scalars, betas 0.9/0.95).

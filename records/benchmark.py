@@ -82,19 +82,10 @@ FALLBACK_LR = 2e-3
 
 RECIPES = ["classic", "speedrun"]
 
-# The speedrun's settings in the recipes suite: train_gpt.py flags on top of its preset
-# (RECIPE_PRESETS[("speedrun", "shakespeare_char")]), meant to become that entry's defaults. max_iters is the
-# step budget (--speedrun_steps overrides it; the warmdown stays WARMDOWN_FRACTION of it); eval_interval only sets
-# how often the (untimed) whole-split validation checks for the target.
-SPEEDRUN_SETTINGS = dict(
-    batch_size=48,         # 4x the preset's 12: bigger matrix products use 2 cores better, and Muon's per-step
-                           # cost (Newton-Schulz on every hidden matrix) is shared by 4x the tokens
-    max_iters=160,         # about the preset's 600-step token budget / 4, rounded up
-    compile=True,          # fuses the elementwise ops (RMSNorm, rotary, ReLU², soft-cap); see no_compile below
-    learning_rate=6e-3,    # AdamW for embeddings, head and vectors
-    muon_lr=0.05,          # Muon for the hidden matrices
-    eval_interval=10,
-)
+# The speedrun's settings in the recipes suite: the recipe's own settings on the preset (train_gpt.RECIPE_PRESETS),
+# passed as flags so each log says them. max_iters is the step budget (--speedrun_steps overrides it; the warmdown
+# stays WARMDOWN_FRACTION of it); eval_interval only sets how often the (untimed) validation checks for the target.
+SPEEDRUN_SETTINGS = train_gpt.RECIPE_PRESETS[("speedrun", "shakespeare_char")]
 
 # speedrun with one feature switched off (or swapped for classic's choice)
 ABLATIONS = {

@@ -15,10 +15,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import train_gpt
-from conftest import ROOT, make_char_data, read_metrics, run_log_text, tiny_args
+from conftest import ROOT, TEXT, make_char_data, read_metrics, run_log_text, tiny_args
 
-SHORT = ["--max_iters", "8", "--eval_interval", "4", "--log_interval", "1", "--val_tokens", "1024",
-         "--timing_warmup_steps", "0", "--warmdown_iters", "3"]
+SHORT = ["--max_iters", "8", "--eval_interval", "4", "--log_interval", "1", "--val_tokens", "4096",
+         "--timing_warmup_steps", "0", "--warmdown_iters", "3", "--compile", "False"]
 
 
 def readme_command(prefix):
@@ -32,7 +32,7 @@ def readme_command(prefix):
 def workdir(tmp_path):
     """A folder laid out like the checkout: train_gpt.py and tiny data at data/shakespeare_char."""
     shutil.copy(os.path.join(ROOT, "train_gpt.py"), tmp_path)
-    make_char_data(str(tmp_path / "data" / "shakespeare_char"))
+    make_char_data(str(tmp_path / "data" / "shakespeare_char"), text=TEXT * 4, val_fraction=0.35)  # batch 48 fits
     return tmp_path
 
 
@@ -73,10 +73,12 @@ def free_port():
 # --- the batch split
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 6, 12])
-def test_shakespeare_char_runs_on_every_count_that_shares_its_batch(world_size):
-    cfg = train_gpt.resolve_config(["--preset", "shakespeare_char", "--device", "cpu"], world_size)
-    assert cfg.tokens_per_step == 12 * 64
-    assert cfg.micro_batch_size * cfg.accum_steps_per_rank * world_size == 12
+@pytest.mark.parametrize("recipe, sequences", [("classic", 12), ("speedrun", 48)])
+def test_shakespeare_char_runs_on_every_count_that_shares_its_batch(world_size, recipe, sequences):
+    cfg = train_gpt.resolve_config(["--preset", "shakespeare_char", "--recipe", recipe, "--device", "cpu"],
+                                   world_size)
+    assert cfg.tokens_per_step == sequences * 64
+    assert cfg.micro_batch_size * cfg.accum_steps_per_rank * world_size == sequences
 
 
 @pytest.mark.parametrize("world_size", [3, 5, 6, 7])
@@ -98,7 +100,7 @@ def test_split_keeps_the_accumulation_when_it_divides():
 def test_readme_torchrun_cpu_command_matches_one_process(workdir):
     command = readme_command("torchrun --standalone --nproc_per_node=2 train_gpt.py --preset shakespeare_char")
     out = finish(run(command + [*SHORT, "--log_dir", str(workdir / "two")], workdir))
-    assert "batch: 768 tokens per step = 2 process(es) x 1 micro-batch(es) x 6 sequences x 64 tokens" in out
+    assert "batch: 3,072 tokens per step = 2 process(es) x 1 micro-batch(es) x 24 sequences x 64 tokens" in out
     assert_same_losses(single_process(workdir), read_metrics(str(workdir / "two")))
 
 
@@ -106,7 +108,7 @@ def test_three_processes_match_one_process(workdir):
     command = ["torchrun", "--standalone", "--nproc_per_node=3", "train_gpt.py", "--preset", "shakespeare_char",
                "--device", "cpu", *SHORT, "--log_dir", str(workdir / "three")]
     out = finish(run(command, workdir))
-    assert "3 process(es) x 1 micro-batch(es) x 4 sequences" in out
+    assert "3 process(es) x 1 micro-batch(es) x 16 sequences" in out
     assert_same_losses(single_process(workdir), read_metrics(str(workdir / "three")))
 
 
@@ -156,7 +158,7 @@ def test_flops_per_token_matches_torch_flop_counter(mtp_steps, n_kv_head, tie):
 
 def test_gpt2_124m_dress_rehearsal_on_cpu(tmp_path):
     text = tmp_path / "text.txt"
-    text.write_text(open(os.path.join(ROOT, "README.md")).read() * 4)
+    text.write_text(open(os.path.join(ROOT, "README.md")).read() * 4)  # > 20,000 tokens: two full shards
     data = tmp_path / "gpt2"
     subprocess.run([sys.executable, os.path.join(ROOT, "data", "fineweb.py"), "--input", str(text), "--out_dir",
                     str(data), "--workers", "1", "--no_progress", "--shard_size", "10000"], check=True,
@@ -167,7 +169,7 @@ def test_gpt2_124m_dress_rehearsal_on_cpu(tmp_path):
         "--block_size", "256", "--max_iters", "5", "--eval_interval", "5", "--log_interval", "1",
         "--warmdown_iters", "2", "--val_tokens", "512", "--timing_warmup_steps", "1", "--compile", "True",
         "--precision", "bf16", "--n_kv_head", "4", "--mtp_steps", "2", "--log_dir", logs,
-        "--input_bin", str(data / "*train_*.bin"), "--input_val_bin", str(data / "*val_*.bin")])
+        "--input_bin", str(data / "train_000001.bin"), "--input_val_bin", str(data / "val_000000.bin")])
     rows = read_metrics(logs)
     assert result["steps"] == 5 and len([r for r in rows if "train_loss" in r]) == 5
     assert all(torch.isfinite(torch.tensor(r.get("train_loss", r.get("val_loss")))) for r in rows)
