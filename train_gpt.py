@@ -369,18 +369,14 @@ def split_batch(batch_size, grad_accum_steps, world_size):
 
 def launch_plan(n_gpus, argv):
     """For run.sh: (processes, preset, max_iters) where processes is the most, up to n_gpus, that can share the
-    global batch that argv asks for; one line on stderr says so when that is fewer than n_gpus."""
-    cfg = None
-    for processes in range(n_gpus, 0, -1):
-        try:
-            cfg = resolve_config(argv, processes)
-            break
-        except UsageError as e:
-            if "processes" not in str(e) or processes == 1:
-                raise
+    global batch that argv asks for; one line on stderr says so when that is fewer than n_gpus. split_batch()
+    shares a batch among any process count that divides its sequences (one sequence each at worst)."""
+    cfg = resolve_config(argv, 1)
+    sequences = cfg.batch_size * cfg.grad_accum_steps
+    processes = max(d for d in divisors(sequences) if d <= n_gpus)
     if processes < n_gpus:
         print(f"run.sh: using {processes} of {n_gpus} GPUs, the most that can share the global batch of "
-              f"{cfg.batch_size * cfg.grad_accum_steps} sequences", file=sys.stderr)
+              f"{sequences} sequences", file=sys.stderr)
     return processes, cfg.preset or "gpt2_124m", cfg.max_iters
 
 
@@ -933,12 +929,13 @@ def fit_micro_batch(cfg, vocab_size, capacity_bytes):
     odd); note says what changed, or is ''."""
     gcfg = gpt_config(cfg, vocab_size)
     micro, accum = cfg.micro_batch_size, cfg.accum_steps_per_rank
-    need = estimate_train_memory(gcfg, micro, cfg.precision)
-    while estimate_train_memory(gcfg, micro, cfg.precision) > MEMORY_HEADROOM * capacity_bytes and micro % 2 == 0:
+    first = need = estimate_train_memory(gcfg, micro, cfg.precision)
+    while need > MEMORY_HEADROOM * capacity_bytes and micro % 2 == 0:
         micro, accum = micro // 2, accum * 2
+        need = estimate_train_memory(gcfg, micro, cfg.precision)
     if micro == cfg.micro_batch_size:
         return micro, accum, ""
-    return micro, accum, (f"a micro-batch of {cfg.micro_batch_size} needs about {need / 2**30:.1f} GiB of the GPU's "
+    return micro, accum, (f"a micro-batch of {cfg.micro_batch_size} needs about {first / 2**30:.1f} GiB of the GPU's "
                           f"{capacity_bytes / 2**30:.1f} GiB, so each process runs {accum} micro-batches of {micro} "
                           "(the global batch is unchanged; --batch_size sets the micro-batch yourself)")
 
@@ -1919,14 +1916,13 @@ class RunLog:
     the resolved configuration, then every printed line. Only rank 0 writes; a resumed run appends."""
 
     def __init__(self, path, enabled=True, append=False):
-        self.path, self.enabled = path, enabled
+        self.path, self.enabled, self.appending = path, enabled, append
         if enabled and not append:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            source = own_source()
             try:  # created exclusively: two runs started with one --run_id never share a log
                 with open(path, "x", encoding="utf-8") as f:
-                    f.write(source + "=" * 100 + "\n")
-                    f.write(f"code_sha256:{hashlib.sha256(source.encode('utf-8')).hexdigest()}\n")
+                    f.write(own_source() + "=" * 100 + "\n")
+                    f.write(f"code_sha256:{source_sha256()}\n")
             except FileExistsError:
                 raise UsageError(f"{path} was created by another run meanwhile; start again with another "
                                  "--run_id") from None
@@ -2038,7 +2034,6 @@ def open_run_log(cfg, rank):
         error = shared[0]
     if error:
         raise UsageError(error)
-    log.appending = appending
     return log
 
 

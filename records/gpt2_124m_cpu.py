@@ -33,8 +33,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="timed training steps after one untimed step")
     parser.add_argument("--mtp_steps", type=int, default=1, help="predicted offsets (2+ adds MTP heads)")
     args = parser.parse_args(argv)
-    cfg = train_gpt.resolve_config(["--preset", "gpt2_124m", "--device", "cpu", "--mtp_steps", str(args.mtp_steps),
-                                    "--run_id", "gpt2_124m_cpu_estimate", "--log_dir", os.devnull + "_unused"])
+    cfg = train_gpt.resolve_config(["--preset", "gpt2_124m", "--device", "cpu", "--mtp_steps", str(args.mtp_steps)])
     gcfg = train_gpt.gpt_config(cfg, train_gpt.GPT2_VOCAB_SIZE)
     before = peak_rss_bytes()
     torch.manual_seed(0)
