@@ -100,11 +100,13 @@ ABLATIONS = {
     "cosine_schedule": ["--schedule", "cosine"],
 }
 
-# speedrun settings that ablation rows put back to the preset's, one row each (the preset's batch runs the same
-# tokens: 4x the steps)
+# speedrun settings that ablation rows put back, one row each: to the preset's (the preset's batch runs the same
+# tokens: 4x the steps), or to the rates the batch-48 speedrun had before its rates were swept (one Adam-family
+# rate for embedding, head and gains)
 SETTING_ABLATIONS = {
     "preset_batch": dict(batch_size=12),
     "no_compile": dict(compile=False),
+    "previous_rates": dict(learning_rate=6e-3, muon_lr=0.05, embed_lr=0.0, head_lr=0.0),
 }
 
 SUITE_DEFAULTS = {
