@@ -183,13 +183,13 @@ SN_LR_MULTIPLIER = 10.0
 MAX_MTP_STEPS = 4  # the most targets a batch carries: multi-token prediction predicts at most t+1..t+4
 
 # A recipe's own settings on a preset, where they differ from the preset's (the speedrun's schedule is tuned to a
-# shorter budget; see README, The speedrun recipe, for the runs that chose these).
+# shorter budget; the README's CPU-track section has the runs that chose these).
 RECIPE_PRESETS = {
     # The CPU track (README, records/bench_recipes.md): batch 48, 4x the preset's 12, because bigger matrix products
     # use 2 cores better and Muon's per-step cost (Newton-Schulz on every hidden matrix) is shared by 4x the tokens;
     # 110 steps; compiled, which fuses the elementwise work (norms, rotary, ReLU², soft-cap); validation every 10
-    # steps, untimed, so the stop comes soon after the target. Rates from 2-seed sweeps at this batch (README, The
-    # speedrun recipe): the embedding at 8x --learning_rate (which the norms' gains keep), since a row moves only
+    # steps, untimed, so the stop comes soon after the target. Rates from 2-seed sweeps at this batch (README, CPU
+    # track): the embedding at 8x --learning_rate (which the norms' gains keep), since a row moves only
     # when its token occurs and the RMSNorm after it ignores its scale; the head at 2x; Muon 0.035 (0.05 overshot).
     ("speedrun", "shakespeare_char"): dict(batch_size=48, max_iters=110, compile=True, learning_rate=0.012,
                                            muon_lr=0.035, embed_lr=0.1, head_lr=0.024, eval_interval=10),
