@@ -284,7 +284,7 @@ def resolve_config(argv, world_size=1):
     checkpoint = {}
     if flags.get("resume"):
         path = find_checkpoint(flags["resume"], flags.get("log_dir", Hyperparameters.log_dir), flags.get("run_id"))
-        payload = read_checkpoint(path)
+        payload = read_checkpoint(path, mmap=True)  # only its configuration is read here; Trainer loads the rest
         if payload.get("finished"):
             raise UsageError(f"--resume {path}: that run is finished (it stopped at step:{payload['step']}), so "
                              "there is nothing to continue; start a new run instead")
@@ -1869,12 +1869,13 @@ def source_sha256():
     return hashlib.sha256(own_source().encode("utf-8")).hexdigest()
 
 
-def read_checkpoint(path):
-    """Loads a checkpoint as data only (weights_only: no code runs); one clear error for anything unreadable."""
+def read_checkpoint(path, mmap=False):
+    """Loads a checkpoint as data only (weights_only: no code runs); one clear error for anything unreadable.
+    mmap=True maps the file instead of reading it, for callers that need only its configuration."""
     if not os.path.isfile(path):
         raise UsageError(f"--resume {path}: no such checkpoint file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, corrupt or not a torch file at all
         raise UsageError(f"--resume {path}: unreadable checkpoint ({type(e).__name__}); resume from an earlier "
                          "one or start anew") from None

@@ -501,31 +501,29 @@ def recipes_suite(bench, args, report):
 
 
 def ablation_configs(args):
-    """(name, flags, steps) of every ablation --only keeps: a recipe piece switched off, or a speedrun setting put
-    back to the preset's."""
-    out = []
-    for name, flags in ABLATIONS.items():
-        if name in args.only:
-            out.append((name, settings_flags(SPEEDRUN_SETTINGS) + flags, speedrun_budget(args)))
+    """(name, flags, shown, steps) of every ablation --only keeps: a recipe piece switched off (shown: its flags),
+    or a speedrun setting put back to the preset's (shown: the changed settings and the step budget)."""
+    speedrun = settings_flags(SPEEDRUN_SETTINGS)
+    out = [(name, speedrun + flags, " ".join(flags), speedrun_budget(args))
+           for name, flags in ABLATIONS.items() if name in args.only]
     for name, changed in SETTING_ABLATIONS.items():
         if name in args.only:
-            out.append((name, settings_flags({**SPEEDRUN_SETTINGS, **changed}), speedrun_budget(args, changed)))
+            steps = speedrun_budget(args, changed)
+            shown = " ".join(f"--{k} {v}" for k, v in changed.items()) + f" --max_iters {steps}"
+            out.append((name, settings_flags({**SPEEDRUN_SETTINGS, **changed}), shown, steps))
     return out
 
 
 def ablations_suite(bench, args, report, full):
     """Every ablation on every seed; one row each with the median time to target against the full speedrun's."""
-    results = {}
+    configs = ablation_configs(args)
+    results = {name: [] for name, *_ in configs}
     for seed in args.seeds:
-        for name, flags, steps in ablation_configs(args):
-            results.setdefault(name, []).append(
-                run_config(bench, f"ablate_{name}", flags, seed, steps, "speedrun",
-                           label=f"speedrun ablation {name} seed {seed}"))
+        for name, flags, _, steps in configs:
+            results[name].append(run_config(bench, f"ablate_{name}", flags, seed, steps, "speedrun",
+                                            label=f"speedrun ablation {name} seed {seed}"))
     base = time_summary("speedrun (full)", full, flags="") if full else None
-    rows = [time_summary(name, runs, flags=" ".join(flags[len(settings_flags(SPEEDRUN_SETTINGS)):])
-                         if name in ABLATIONS else " ".join(f"--{k} {v}" for k, v in SETTING_ABLATIONS[name].items())
-                         + f" --max_iters {steps}")
-            for (name, flags, steps), runs in zip(ablation_configs(args), results.values())]
+    rows = [time_summary(name, results[name], flags=shown) for name, _, shown, _ in configs]
     for r in rows:
         if base and base["time"] is not None and r["time"] is not None:
             r["delta_time"] = r["time"] - base["time"]
@@ -551,7 +549,7 @@ def recipes_plan(args):
     if args.ablate:
         configs = ablation_configs(args)
         runs += len(configs) * len(args.seeds)
-        steps += sum(s for _, _, s in configs) * len(args.seeds)
+        steps += sum(s for *_, s in configs) * len(args.seeds)
     return runs, steps
 
 

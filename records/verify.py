@@ -691,25 +691,19 @@ def data_hint(pattern: str) -> str | None:
     return None
 
 
-def machine_cpu() -> tuple[str, int]:
-    """This machine's CPU model name and logical core count, as train_gpt.py writes them in a log."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return model, os.cpu_count() or 0
-
-
 def same_machine(parsed: dict, device: str) -> tuple[bool, str]:
     """Whether this machine is the one that wrote the log: a CPU run, the same CPU model and core count, the same
     python and torch. Returns (same, why not)."""
     import torch
 
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
+    import train_gpt  # its cpu_model() wrote the log's cpu line
+
     m = _CPU_RE.match(parsed["header"].get("cpu", ""))
     if device != "cpu" or m is None:
         return False, "not a CPU run on both sides"
-    model, cores = machine_cpu()
+    model, cores = train_gpt.cpu_model(), os.cpu_count() or 0
     if (m.group(1), int(m.group(2))) != (model, cores):
         return False, f"the log's CPU is '{m.group(1)}' ({m.group(2)} cores), this one '{model}' ({cores} cores)"
     versions = parsed["versions"] or {}
