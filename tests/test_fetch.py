@@ -62,6 +62,15 @@ def test_cpu_branch():
     assert "torchrun" not in result.stdout and "cached_fineweb10B" not in result.stdout
 
 
+@pytest.mark.parametrize("gpus", [0, 8])
+def test_check_fetches_and_prepares_nothing(gpus):
+    result = dry_run(gpus, "--check")
+    assert result.returncode == 0, result.stderr
+    launcher = "torchrun --standalone --nproc_per_node=8 train_gpt.py --preset gpt2_124m" if gpus else \
+        "python train_gpt.py --preset shakespeare_char --device cpu"
+    assert result.stdout.splitlines() == [f"{launcher} --check"]
+
+
 def test_bad_gpu_override():
     result = dry_run("two")
     assert result.returncode == 2 and result.stdout == ""

@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import train_gpt
-from conftest import ROOT, TEXT, make_char_data, read_metrics, run_log_text, tiny_args
+from conftest import ROOT, TEXT, fake_gpu, needs_gpt2_files, make_char_data, read_metrics, run_log_text, tiny_args
 
 SHORT = ["--max_iters", "8", "--eval_interval", "4", "--log_interval", "1", "--val_tokens", "4096",
          "--timing_warmup_steps", "0", "--warmdown_iters", "3", "--compile", "False"]
@@ -37,7 +37,10 @@ def workdir(tmp_path):
 
 
 def run(command, cwd, **kwargs):
+    """Starts a command; `torchrun` as the interpreter under test runs it, not whichever one is on the PATH."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if command[0] == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", *command[1:]]
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kwargs)
 
@@ -104,6 +107,16 @@ def test_readme_torchrun_cpu_command_matches_one_process(workdir):
     assert_same_losses(single_process(workdir), read_metrics(str(workdir / "two")))
 
 
+@pytest.mark.parametrize("prefix", ["python train_gpt.py --check",
+                                    "torchrun --standalone --nproc_per_node=2 train_gpt.py --check"])
+def test_readme_check_commands_run_as_written(workdir, prefix):
+    command = readme_command(prefix)
+    if command[0] == "python":
+        command[0] = sys.executable
+    out = finish(run(command, workdir))
+    assert out.endswith("check: the run can start\n") and not (workdir / "logs").exists()
+
+
 def test_three_processes_match_one_process(workdir):
     command = ["torchrun", "--standalone", "--nproc_per_node=3", "train_gpt.py", "--preset", "shakespeare_char",
                "--device", "cpu", *SHORT, "--log_dir", str(workdir / "three")]
@@ -156,6 +169,7 @@ def test_flops_per_token_matches_torch_flop_counter(mtp_steps, n_kv_head, tie):
 
 # --- gpt2_124m through the GPU's code path, on the CPU
 
+@needs_gpt2_files
 def test_gpt2_124m_dress_rehearsal_on_cpu(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(open(os.path.join(ROOT, "README.md")).read() * 4)  # > 20,000 tokens: two full shards
@@ -179,18 +193,15 @@ def test_gpt2_124m_dress_rehearsal_on_cpu(tmp_path):
 # --- a GPU with less memory than the preset assumes
 
 def test_micro_batch_shrinks_to_fit_a_smaller_gpu_unless_batch_size_is_given(monkeypatch):
-    class Properties:
-        total_memory = 24 * 2 ** 30
-    monkeypatch.setattr(train_gpt.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(train_gpt.torch.cuda, "get_device_properties", lambda index: Properties)
+    Properties = fake_gpu(monkeypatch, memory_gib=24)
     cfg = train_gpt.resolve_config(["--preset", "gpt2_124m", "--device", "cuda"])
     assert (cfg.micro_batch_size, cfg.accum_steps_per_rank, cfg.tokens_per_step) == (16, 32, 524_288)
-    assert "a micro-batch of 64 needs about" in cfg.memory_note and "24.0 GiB" in cfg.memory_note
+    assert "batch: a micro-batch of 64 needs about" in cfg.notes[0] and "24.0 GiB" in cfg.notes[0]
     gcfg = train_gpt.gpt_config(cfg, train_gpt.GPT2_VOCAB_SIZE)
     assert train_gpt.estimate_train_memory(gcfg, 16, "bf16") <= 0.9 * Properties.total_memory
     assert train_gpt.estimate_train_memory(gcfg, 32, "bf16") > 0.9 * Properties.total_memory
     explicit = train_gpt.resolve_config(["--preset", "gpt2_124m", "--device", "cuda", "--batch_size", "64"])
-    assert (explicit.micro_batch_size, explicit.accum_steps_per_rank, explicit.memory_note) == (64, 8, "")
+    assert (explicit.micro_batch_size, explicit.accum_steps_per_rank, explicit.notes) == (64, 8, ())
     Properties.total_memory = 80 * 2 ** 30
     roomy = train_gpt.resolve_config(["--preset", "gpt2_124m", "--device", "cuda"])
     assert (roomy.micro_batch_size, roomy.accum_steps_per_rank) == (64, 8)
