@@ -10,8 +10,8 @@ Launch:
         train_gpt.py --preset gpt2_124m                                 # multi-node: the same on each node
     python train_gpt.py --sample logs/RUN_ID/model.pt --prompt "ROMEO:" --max_new_tokens 200
 
-Sections follow the data: configuration, data, model, optimizers (the speedrun's, then the course's), training,
-checkpoints and logging, main.
+Sections follow the data: configuration, data, model, sizing, optimizers, training, checkpoints and logging, main;
+then the course's other flag spellings and optimizers, which neither recipe uses.
 """
 import argparse
 import contextlib
@@ -53,12 +53,22 @@ class TrainingError(Exception):
 # Configuration. resolve_config() turns a command line into one finished, frozen Hyperparameters, in this order:
 #   1. the dataclass defaults below
 #   2. the --recipe's settings (RECIPES), then the --preset's (PRESETS), then the recipe's own settings on that
-#      preset (RECIPE_PRESETS)
+#      preset (the preset's "recipes")
 #   3. with --resume, the configuration saved in the checkpoint
 #   4. the flags given, other spellings (nanoGPT's, the course's) turned into their one field each
 #   5. derived values: device, compile, heads, batch split over the processes, schedule lengths
 #   6. validation: anything that cannot work is a UsageError naming the flag and what is valid
 # Nothing changes the config afterwards, so the log, which prints it whole, says where every value ended up.
+
+def flag(default, help=""):
+    """A field that is also a command-line flag, with its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
+def model_flag(default, help=""):
+    """A flag that shapes the model: GPTConfig carries every one of these to the model (and into checkpoints)."""
+    return field(default=default, metadata={"help": help, "model": True})
+
 
 def derived(default, doc):
     """A field that resolve_config computes from the others: printed in the log, never a flag."""
@@ -67,150 +77,133 @@ def derived(default, doc):
 
 @dataclass(frozen=True)
 class Hyperparameters:
+    """Every setting of a run. The defaults are nanoGPT's GPT-2 (the classic recipe); a recipe, a preset and the
+    flags change what they decide."""
     # data
-    input_bin: str = "data/shakespeare_char/train_*.bin"  # glob of training shards
-    input_val_bin: str = "data/shakespeare_char/val_*.bin"  # glob of validation shards
-    val_tokens: int = 10_485_760  # validation tokens per evaluation (capped to the val split)
-    max_data_passes: float = 0.0  # refuse a run whose max_iters would read the train shards more often (0: any)
+    input_bin: str = flag("data/shakespeare_char/train_*.bin", "glob of training shards")
+    input_val_bin: str = flag("data/shakespeare_char/val_*.bin", "glob of validation shards")
+    val_tokens: int = flag(10_485_760, "validation tokens per evaluation (capped to the val split)")
+    max_data_passes: float = flag(0.0, "refuse a run whose max_iters would read the train shards more often (0: any)")
     # model
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 0  # key/value heads for grouped-query attention (0: n_head, plain multi-head attention)
-    n_embd: int = 128
-    embd_scale: float = 1.0  # with GQA: widen n_embd by this factor to reinvest the saved key/value parameters
-    block_size: int = 64  # context length
-    dropout: float = 0.0
-    # recipe: "classic" (nanoGPT's GPT-2) or "speedrun"; the fields set to None below take the recipe's value
-    recipe: str = "speedrun"
-    pos_emb: Optional[str] = None  # rope | learned
-    norm: Optional[str] = None  # rms | layer
-    mlp: Optional[str] = None  # relu2 | gelu
-    bias: Optional[bool] = None  # biases in linear layers and LayerNorm
-    qk_norm: Optional[bool] = None  # RMS-normalise queries and keys
-    tie_embeddings: Optional[bool] = None  # share the token embedding with the output head
-    logit_softcap: Optional[float] = None  # cap * tanh(logits / cap); 0 disables
-    zero_init: Optional[bool] = None  # zero-initialise residual output projections (and an untied head)
-    # multi-token prediction
-    mtp_steps: int = 1  # predict tokens t+1..t+N, one extra module per extra offset (1: next token only)
-    mtp_weight: float = 0.1  # final weight of the mean auxiliary loss
-    mtp_rampup_steps: int = 64  # steps over which the auxiliary weight ramps from 0 to mtp_weight
+    n_layer: int = model_flag(4)
+    n_head: int = model_flag(4)
+    n_kv_head: int = model_flag(0, "key/value heads for grouped-query attention (0: n_head, multi-head attention)")
+    n_embd: int = model_flag(128, "width of the residual stream")
+    embd_scale: float = flag(1.0, "with GQA: widen n_embd by this factor to reinvest the saved key/value parameters")
+    block_size: int = model_flag(64, "context length")
+    dropout: float = model_flag(0.0)
+    pos_emb: str = model_flag("learned", "rope | learned")
+    norm: str = model_flag("layer", "rms | layer")
+    mlp: str = model_flag("gelu", "relu2 | gelu")
+    bias: bool = model_flag(False, "biases in linear layers and LayerNorm")
+    qk_norm: bool = model_flag(False, "RMS-normalise queries and keys")
+    tie_embeddings: bool = model_flag(True, "share the token embedding with the output head")
+    logit_softcap: float = model_flag(0.0, "cap * tanh(logits / cap); 0 disables")
+    zero_init: bool = model_flag(False, "zero-initialise residual output projections (and an untied head)")
+    mtp_steps: int = model_flag(1, "predict tokens t+1..t+N, one extra module per extra offset (1: next token only)")
+    mtp_weight: float = flag(0.1, "final weight of the mean auxiliary loss")
+    mtp_rampup_steps: int = flag(64, "steps over which the auxiliary weight ramps from 0 to mtp_weight")
     # optimization
-    optimizer: Optional[str] = None  # adamw | adam | muon | adamsn | adafactor
-    batch_size: int = 12  # sequences per micro-batch per process (split further if the processes need it)
-    grad_accum_steps: int = 1  # micro-batches per optimizer step, summed over all processes
-    max_iters: int = 2000
-    learning_rate: Optional[float] = None  # Adam-family rate; also sets AdamSN/Adafactor weight decay
-    muon_lr: float = 0.05  # Muon learning rate for hidden matrices
-    embed_lr: float = 0.0  # with Muon: AdamW's rate for the embeddings (0: learning_rate)
-    head_lr: float = 0.0  # with Muon: AdamW's rate for an untied output head (0: learning_rate)
-    sn_lr: float = 0.0  # AdamSN learning rate for hidden matrices (0: SN_LR_MULTIPLIER * learning_rate)
-    adafactor_lr: float = 0.1  # Adafactor's rate for every parameter: the relative-step cap, or the plain rate
-    adafactor_relative_step: bool = True  # False: a plain adafactor_lr, no relative step, no parameter-RMS scaling
-    beta1: float = 0.9
-    beta2: Optional[float] = None
-    weight_decay: Optional[float] = None
-    grad_clip: float = 1.0  # clip the global gradient norm (0 disables)
-    schedule: Optional[str] = None  # wsd (warmup, constant, linear warmdown) | cosine
-    warmup_iters: Optional[int] = None
-    warmdown_iters: Optional[int] = None  # wsd: length of the final linear decay (None: WARMDOWN_FRACTION)
-    lr_decay_iters: int = 0  # step at which the decay ends (0: max_iters)
-    min_lr_ratio: Optional[float] = None  # final lr as a fraction of the peak
+    recipe: str = flag("speedrun", "classic (nanoGPT's GPT-2) or speedrun: the settings of RECIPES")
+    optimizer: str = flag("adamw", "adamw | adam | muon | adamsn | adafactor")
+    batch_size: int = flag(12, "sequences per micro-batch per process (split further if the processes need it)")
+    grad_accum_steps: int = flag(1, "micro-batches per optimizer step, summed over all processes")
+    max_iters: int = flag(2000, "optimizer steps in the run")
+    learning_rate: float = flag(1e-3, "Adam-family rate; also sets AdamSN/Adafactor weight decay")
+    muon_lr: float = flag(0.05, "Muon learning rate for hidden matrices")
+    embed_lr: float = flag(0.0, "with Muon: AdamW's rate for the embeddings (0: learning_rate)")
+    head_lr: float = flag(0.0, "with Muon: AdamW's rate for an untied output head (0: learning_rate)")
+    sn_lr: float = flag(0.0, "AdamSN learning rate for hidden matrices (0: SN_LR_MULTIPLIER * learning_rate)")
+    adafactor_lr: float = flag(0.1, "Adafactor's rate for every parameter: the relative-step cap, or the plain rate")
+    adafactor_relative_step: bool = flag(True, "False: a plain adafactor_lr, no relative step or RMS scaling")
+    beta1: float = flag(0.9)
+    beta2: float = flag(0.99)
+    weight_decay: float = flag(0.1)
+    grad_clip: float = flag(1.0, "clip the global gradient norm (0 disables)")
+    schedule: str = flag("cosine", "wsd (warmup, constant, linear warmdown) | cosine")
+    warmup_iters: int = flag(100, "steps of linear warmup")
+    warmdown_iters: Optional[int] = flag(None, "wsd: length of the final linear decay (None: WARMDOWN_FRACTION)")
+    lr_decay_iters: int = flag(0, "step at which the decay ends (0: max_iters)")
+    min_lr_ratio: float = flag(0.1, "final lr as a fraction of the peak")
     # evaluation and stopping
-    eval_interval: int = 250
-    log_interval: int = 10
-    target_val_loss: float = 0.0  # stop at the first validation at or below this (0: never)
+    eval_interval: int = flag(250, "steps between validations (0: only at the end)")
+    log_interval: int = flag(10, "steps between progress lines")
+    target_val_loss: float = flag(0.0, "stop at the first validation at or below this (0: never)")
     # system
-    device: str = ""  # cuda | mps | cpu ("" autodetects)
-    compile: Optional[bool] = None  # torch.compile the model (default: on for CUDA)
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    seed: int = 1337
-    timing_warmup_steps: int = 3  # untimed steps before the clock starts; the run's state is restored after
-    run_id: str = ""  # log name ("" : date, time and a random suffix)
-    log_dir: str = "logs"
-    preset: str = ""
-    dist_timeout: int = 300  # seconds a collective waits for the other processes before the job fails
+    device: str = flag("", "cuda | mps | cpu ('' autodetects)")
+    compile: Optional[bool] = flag(None, "torch.compile the model (default: on for CUDA)")
+    precision: str = flag("fp32", "fp32 | bf16 | fp16")
+    seed: int = flag(1337)
+    timing_warmup_steps: int = flag(3, "untimed steps before the clock starts; the run's state is restored after")
+    run_id: str = flag("", "log name ('': date, time and a random suffix)")
+    log_dir: str = flag("logs")
+    preset: str = flag("", "settings for a model and data: PRESETS")
+    dist_timeout: int = flag(300, "seconds a collective waits for the other processes before the job fails")
     # checkpoints and failures
-    save_every: int = 0  # write logs/<run_id>/checkpoint_<step>.pt every N steps and at the end (0: never)
-    resume: str = ""  # a checkpoint path, or "auto": the latest checkpoint of --run_id (or of the newest run)
-    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
+    save_every: int = flag(0, "write logs/<run_id>/checkpoint_<step>.pt every N steps and at the end (0: never)")
+    resume: str = flag("", "a checkpoint path, or 'auto': the latest checkpoint of --run_id (or of the newest run)")
+    max_bad_steps: int = flag(10, "stop after this many non-finite steps in a row")
     # Weights & Biases (rank 0 only; WANDB_MODE=offline works without an account)
-    wandb: bool = False
-    wandb_project: str = "gpt-speedrun"
-    wandb_run_name: str = ""  # "" : the run_id
+    wandb: bool = flag(False, "log to Weights & Biases")
+    wandb_project: str = flag("gpt-speedrun")
+    wandb_run_name: str = flag("", "'': the run_id")
     # derived by resolve_config
     world_size: int = derived(1, "processes in the job")
     micro_batch_size: int = derived(0, "sequences per micro-batch per process")
     accum_steps_per_rank: int = derived(0, "micro-batches each process runs per optimizer step")
-    tokens_per_step: int = derived(0, "tokens per optimizer step, all processes together")
-    model_width: int = derived(0, "the model's n_embd, after embd_scale")
     notes: tuple = derived((), "what resolution changed to suit this machine (micro-batch, fallbacks), one line each")
+
+    @property
+    def tokens_per_step(self):
+        """Tokens per optimizer step, all processes together."""
+        return self.batch_size * self.grad_accum_steps * self.block_size
+
+    @property
+    def model_width(self):
+        """The model's n_embd, after embd_scale."""
+        return scaled_width(self.n_embd, self.n_head, self.embd_scale) if self.embd_scale != 1.0 else self.n_embd
 
 
 FLAG_FIELDS = [f for f in dataclasses.fields(Hyperparameters) if "derived" not in f.metadata]
 
+# A preset is a model and its data; under "recipes", each recipe's own settings for it (the README's CPU-track and
+# GPU sections say where they come from).
+GPT2_124M = dict(
+    input_bin="data/fineweb10B/fineweb_train_*.bin", input_val_bin="data/fineweb10B/fineweb_val_*.bin",
+    n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=64, grad_accum_steps=8,
+    max_iters=5000, eval_interval=125, log_interval=10, val_tokens=10_485_760, target_val_loss=3.28,
+    precision="bf16", max_data_passes=1,
+    # the NanoGPT speedrun's Muon-era GPT-2 small record on FineWeb, at the same 524,288-token batch
+    recipes={"speedrun": dict(muon_lr=0.04, embed_lr=0.6, head_lr=0.008, learning_rate=0.04)})
 PRESETS = {
-    # The nanoGPT character-level Shakespeare CPU configuration.
+    # nanoGPT's character-level Shakespeare CPU configuration; the speedrun's settings are the CPU track's
     "shakespeare_char": dict(
         input_bin="data/shakespeare_char/train_*.bin", input_val_bin="data/shakespeare_char/val_*.bin",
         n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, grad_accum_steps=1,
-        max_iters=2000, dropout=0.0, eval_interval=100, log_interval=50, target_val_loss=1.90),
-    # GPT-2 small on FineWeb10B: the NanoGPT speedrun's track 1.
-    "gpt2_124m": dict(
-        input_bin="data/fineweb10B/fineweb_train_*.bin", input_val_bin="data/fineweb10B/fineweb_val_*.bin",
-        n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=64, grad_accum_steps=8,
-        max_iters=5000, eval_interval=125, log_interval=10, val_tokens=10_485_760, target_val_loss=3.28,
-        precision="bf16", max_data_passes=1),
-    # One GPU, FineWeb, the first 1,048,576 val tokens.
-    "bottlecap": dict(
-        input_bin="data/fineweb10B/fineweb_train_*.bin", input_val_bin="data/fineweb10B/fineweb_val_*.bin",
-        n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=32, grad_accum_steps=16,
-        max_iters=5000, eval_interval=125, log_interval=10, val_tokens=1_048_576, target_val_loss=3.3821,
-        precision="bf16", max_data_passes=1),
+        max_iters=2000, dropout=0.0, eval_interval=100, log_interval=50, target_val_loss=1.90,
+        recipes={"speedrun": dict(batch_size=48, max_iters=110, compile=True, learning_rate=0.012, muon_lr=0.035,
+                                  embed_lr=0.1, head_lr=0.024, eval_interval=10)}),
+    # GPT-2 small on FineWeb10B: the NanoGPT speedrun's track 1
+    "gpt2_124m": GPT2_124M,
+    # the same model on one GPU: smaller micro-batches, the first 1,048,576 val tokens
+    "bottlecap": dict(GPT2_124M, batch_size=32, grad_accum_steps=16, val_tokens=1_048_576, target_val_loss=3.3821),
 }
 
+# A recipe lists what it decides; the rest is the Hyperparameters default (classic's, nanoGPT's GPT-2).
 RECIPES = {
-    # nanoGPT's GPT-2 as nanoGPT trains it: the honest baseline.
-    "classic": dict(
-        pos_emb="learned", norm="layer", mlp="gelu", bias=False, qk_norm=False, tie_embeddings=True,
-        logit_softcap=0.0, zero_init=False, optimizer="adamw", learning_rate=1e-3, beta2=0.99, weight_decay=0.1,
-        schedule="cosine", warmup_iters=100, warmdown_iters=0, min_lr_ratio=0.1),
+    "classic": dict(),
     "speedrun": dict(
-        pos_emb="rope", norm="rms", mlp="relu2", bias=False, qk_norm=True, tie_embeddings=False,
-        logit_softcap=15.0, zero_init=True, optimizer="muon", learning_rate=1e-3, beta2=0.95, weight_decay=0.0,
-        schedule="wsd", warmup_iters=0, warmdown_iters=None, min_lr_ratio=0.0),
+        pos_emb="rope", norm="rms", mlp="relu2", qk_norm=True, tie_embeddings=False, logit_softcap=15.0,
+        zero_init=True, optimizer="muon", beta2=0.95, weight_decay=0.0, schedule="wsd", warmup_iters=0,
+        min_lr_ratio=0.0),
 }
-WARMDOWN_FRACTION = 0.4  # speedrun: share of max_iters spent in the final linear decay
-# AdamSN's default --sn_lr as a multiple of --learning_rate: its denominator, the root of a sum of n squared
-# gradients, is about sqrt(n) times Adam's per-coordinate one. 10x is the reference's advice and won the
-# 2000-step sweep over 10/15/25x (records/bench_optimizers.md)
-SN_LR_MULTIPLIER = 10.0
+WARMDOWN_FRACTION = 0.4  # wsd: share of max_iters spent in the final linear decay, unless --warmdown_iters says
+SN_LR_MULTIPLIER = 10.0  # AdamSN's default --sn_lr as a multiple of --learning_rate (README, Optimizers)
 MAX_MTP_STEPS = 4  # the most targets a batch carries: multi-token prediction predicts at most t+1..t+4
-
-# A recipe's own settings on a preset, where they differ from the preset's (the speedrun's schedule is tuned to a
-# shorter budget; the README's CPU-track section has the runs that chose these).
-RECIPE_PRESETS = {
-    # The CPU track (README, records/bench_recipes.md): batch 48, 4x the preset's 12, because bigger matrix products
-    # use 2 cores better and Muon's per-step cost (Newton-Schulz on every hidden matrix) is shared by 4x the tokens;
-    # 110 steps; compiled, which fuses the elementwise work (norms, rotary, ReLU², soft-cap); validation every 10
-    # steps, untimed, so the stop comes soon after the target. Rates from 2-seed sweeps at this batch (README, CPU
-    # track): the embedding at 8x --learning_rate (which the norms' gains keep), since a row moves only
-    # when its token occurs and the RMSNorm after it ignores its scale; the head at 2x; Muon 0.035 (0.05 overshot).
-    ("speedrun", "shakespeare_char"): dict(batch_size=48, max_iters=110, compile=True, learning_rate=0.012,
-                                           muon_lr=0.035, embed_lr=0.1, head_lr=0.024, eval_interval=10),
-    # Published, not yet measured here: the rates of the NanoGPT speedrun's Muon-era GPT-2 small record on FineWeb
-    # (modded-nanogpt, records/111024_UNetDoubleLr, 2024-11-10: the same 524,288-token batch; Muon 0.04 for hidden
-    # matrices, Adam 0.6 for the embedding, 0.008 for the head, 0.04 for scalars, betas 0.9/0.95).
-    ("speedrun", "gpt2_124m"): dict(muon_lr=0.04, embed_lr=0.6, head_lr=0.008, learning_rate=0.04),
-}
 
 CHOICES = dict(recipe=list(RECIPES), pos_emb=["rope", "learned"], norm=["rms", "layer"], mlp=["relu2", "gelu"],
                optimizer=["adamw", "adam", "muon", "adamsn", "adafactor"], schedule=["wsd", "cosine"],
                precision=["fp32", "bf16", "fp16"], device=["", "cuda", "mps", "cpu"], preset=["", *PRESETS])
-
-# Other spellings users already type (nanoGPT's and the course assignment's). A plain alias names the same field;
-# the spellings in resolve_spellings() compute their field from several flags.
-ALIASES = {"gradient_accumulation_steps": "grad_accum_steps", "optimizer_variant": "optimizer"}
-
 
 def parse_bool(text):
     if isinstance(text, bool):
@@ -238,7 +231,6 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-SPELLING_FLAGS = ("gqa_enabled", "kv_head_ratio", "n_headgroup", "mtp_enabled", "mtp_max_steps", "eval_iters")
 MODE_FLAGS = ("check", "sample", "prompt", "max_new_tokens", "temperature", "top_k", "num_samples")
 
 
@@ -247,22 +239,15 @@ def build_parser():
                            argument_default=argparse.SUPPRESS)
     for f in FLAG_FIELDS:
         names = [f"--{f.name}"] + [f"--{alias}" for alias, target in ALIASES.items() if target == f.name]
+        described = f"{f.metadata['help']}; " if f.metadata["help"] else ""
         if f.type in (bool, Optional[bool]):
             parser.add_argument(*names, dest=f.name, type=parse_bool, nargs="?", const=True,
-                                help=f"True or False (default {f.default})")
+                                help=f"{described}True or False (default {f.default})")
         else:
-            caster = {Optional[str]: str, Optional[float]: float, Optional[int]: int}.get(f.type, f.type)
+            caster = {Optional[int]: int}.get(f.type, f.type)
             parser.add_argument(*names, dest=f.name, type=caster, choices=CHOICES.get(f.name),
-                                help=f"default {f.default!r}" + (" (recipe decides)" if f.default is None else ""))
-    other = parser.add_argument_group("other spellings, each resolved into one field above")
-    other.add_argument("--gqa_enabled", type=parse_bool, nargs="?", const=True,
-                       help="with --kv_head_ratio R: n_kv_head = the largest divisor of n_head <= R * n_head")
-    other.add_argument("--kv_head_ratio", type=float, help="see --gqa_enabled")
-    other.add_argument("--n_headgroup", type=int, help="query heads per key/value head: n_kv_head = n_head / this")
-    other.add_argument("--mtp_enabled", type=parse_bool, nargs="?", const=True,
-                       help="multi-token prediction: mtp_steps = --mtp_max_steps (default 2)")
-    other.add_argument("--mtp_max_steps", type=int, help="see --mtp_enabled")
-    other.add_argument("--eval_iters", type=int, help="nanoGPT's: val_tokens = eval_iters * batch_size * block_size")
+                                help=f"{described}default {f.default!r}")
+    add_spelling_flags(parser)
     parser.add_argument("--check", action="store_true", default=False,
                         help="resolve everything a run would (versions, devices, shards, batch split, memory, "
                              "fallbacks, the processes' connection), train nothing; exit 0 if the run can start, "
@@ -303,8 +288,9 @@ def resolve_config(argv, world_size=1):
     recipe = flags.get("recipe", checkpoint.get("recipe", Hyperparameters.recipe))
     preset = flags.get("preset", checkpoint.get("preset", Hyperparameters.preset))
     values = {f.name: f.default for f in FLAG_FIELDS}  # 1
-    for layer in (RECIPES[recipe], PRESETS.get(preset, {}), RECIPE_PRESETS.get((recipe, preset), {}),  # 2
-                  checkpoint, flags):  # 3, 4
+    preset_values = dict(PRESETS.get(preset, {}))
+    recipe_on_preset = preset_values.pop("recipes", {}).get(recipe, {})
+    for layer in (RECIPES[recipe], preset_values, recipe_on_preset, checkpoint, flags):  # 2, 3, 4
         values.update(layer)
     values.update(resolve_spellings(values, spellings))
     cfg = Hyperparameters(**values)
@@ -312,6 +298,33 @@ def resolve_config(argv, world_size=1):
     cfg = derive(cfg, world_size, batch_given="batch_size" in flags)  # 5
     check_run_files(cfg, resumed_run_id=checkpoint.get("run_id"))
     return cfg
+
+
+def read_checkpoint(path, mmap=False):
+    """Loads a checkpoint as data only (weights_only: no code runs); one clear error for anything unreadable.
+    mmap=True maps the file instead of reading it, for callers that need only its configuration."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume {path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated, corrupt or not a torch file at all
+        raise UsageError(f"--resume {path}: unreadable checkpoint ({type(e).__name__}); resume from an earlier "
+                         "one or start anew") from None
+    needed = {"model", "optimizers", "scaler", "loader", "step", "train_time_ms", "model_config", "hyperparameters"}
+    if not isinstance(payload, dict) or not needed <= set(payload):
+        raise UsageError(f"--resume {path}: not a train_gpt.py checkpoint (a model.pt is for --sample)")
+    return payload
+
+
+def find_checkpoint(resume, log_dir, run_id):
+    """--resume PATH, or --resume auto: the latest checkpoint of --run_id, else of the most recent run."""
+    if resume != "auto":
+        return resume
+    where = os.path.join(log_dir, run_id or "*", "checkpoint_*.pt")
+    found = glob.glob(where)
+    if not found:
+        raise UsageError(f"--resume auto: no checkpoint matches {where}; runs save them with --save_every N")
+    return max(found, key=lambda p: (os.path.getmtime(p), p))
 
 
 def check_run_files(cfg, resumed_run_id=None):
@@ -322,40 +335,6 @@ def check_run_files(cfg, resumed_run_id=None):
     if existing and cfg.run_id != resumed_run_id:
         raise UsageError(f"--run_id {cfg.run_id}: {existing[0]} belongs to another run; choose another --run_id "
                          f"(or none), or continue that run with --resume auto --run_id {cfg.run_id}")
-
-
-def resolve_spellings(values, spellings):
-    """The fields that the other spellings (SPELLING_FLAGS) ask for, given the other resolved values."""
-    out = {}
-    if "eval_iters" in spellings:
-        if spellings["eval_iters"] <= 0:
-            raise UsageError(f"--eval_iters must be positive, got {spellings['eval_iters']}")
-        out["val_tokens"] = spellings["eval_iters"] * values["batch_size"] * values["block_size"]
-    n_head, n_kv_head = values["n_head"], values["n_kv_head"]
-    valid = f"valid values are {divisors(n_head)}"
-    group, ratio, gqa = spellings.get("n_headgroup"), spellings.get("kv_head_ratio"), spellings.get("gqa_enabled")
-    if group is not None:
-        if group <= 0 or n_head % group:
-            raise UsageError(f"--n_headgroup {group} must divide n_head {n_head}: {valid}")
-        if n_kv_head and n_kv_head * group != n_head:
-            raise UsageError(f"--n_kv_head {n_kv_head} and --n_headgroup {group} disagree: n_kv_head * n_headgroup "
-                             f"must equal n_head ({n_head}); give only one of them")
-        out["n_kv_head"] = n_head // group
-    if ratio is not None and not gqa:
-        raise UsageError("--kv_head_ratio is read only with --gqa_enabled; add --gqa_enabled or drop the ratio")
-    if gqa and not (n_kv_head or group):
-        if ratio is None or not 0 < ratio <= 1:
-            raise UsageError(f"--gqa_enabled needs --kv_head_ratio in (0, 1], got {ratio}")
-        out["n_kv_head"] = max(d for d in divisors(n_head) if d <= max(1, int(ratio * n_head)))
-    depth, mtp = spellings.get("mtp_max_steps"), spellings.get("mtp_enabled")
-    if depth is not None and not mtp:
-        raise UsageError("--mtp_max_steps is read only with --mtp_enabled; add --mtp_enabled or use --mtp_steps N")
-    if mtp is not None:
-        depth = 2 if depth is None else depth
-        if not 2 <= depth <= MAX_MTP_STEPS:
-            raise UsageError(f"--mtp_max_steps must be 2 to {MAX_MTP_STEPS} (predict t+1..t+N), got {depth}")
-        out["mtp_steps"] = depth if mtp else 1
-    return out
 
 
 def divisors(n):
@@ -414,7 +393,9 @@ def derive(cfg, world_size, batch_given=False):
         raise UsageError("--embd_scale reinvests the parameters GQA saves: it needs fewer key/value heads than "
                          "query heads (--n_kv_head, --n_headgroup or --gqa_enabled --kv_head_ratio)")
     max_iters = cfg.max_iters
-    warmdown = int(WARMDOWN_FRACTION * max_iters) if cfg.warmdown_iters is None else cfg.warmdown_iters
+    warmdown = cfg.warmdown_iters
+    if warmdown is None:
+        warmdown = int(WARMDOWN_FRACTION * max_iters) if cfg.schedule == "wsd" else 0
     if cfg.warmup_iters < 0 or warmdown < 0 or cfg.warmup_iters + warmdown > max_iters:
         raise UsageError(f"--warmup_iters {cfg.warmup_iters} + --warmdown_iters {warmdown} must fit in "
                          f"--max_iters {max_iters}")
@@ -425,9 +406,7 @@ def derive(cfg, world_size, batch_given=False):
         warmdown_iters=warmdown, lr_decay_iters=cfg.lr_decay_iters or max_iters,
         sn_lr=cfg.sn_lr or SN_LR_MULTIPLIER * cfg.learning_rate, embed_lr=cfg.embed_lr or cfg.learning_rate,
         head_lr=cfg.head_lr or cfg.learning_rate, run_id=run_id, world_size=world_size,
-        micro_batch_size=micro_batch_size, accum_steps_per_rank=accum_steps_per_rank,
-        tokens_per_step=cfg.batch_size * cfg.grad_accum_steps * cfg.block_size,
-        model_width=scaled_width(cfg.n_embd, cfg.n_head, cfg.embd_scale) if cfg.embd_scale != 1.0 else cfg.n_embd)
+        micro_batch_size=micro_batch_size, accum_steps_per_rank=accum_steps_per_rank)
     if device == "cuda":
         cfg = cuda_fallbacks(cfg)
     if device == "cuda" and not batch_given:
@@ -745,30 +724,28 @@ class ValidationSet:
 # -----------------------------------------------------------------------------
 # Model
 
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50304
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    pos_emb: str = "rope"
-    norm: str = "rms"
-    mlp: str = "relu2"
-    bias: bool = False
-    qk_norm: bool = True
-    tie_embeddings: bool = False
-    logit_softcap: float = 0.0
-    zero_init: bool = False
-    mtp_steps: int = 1  # 1: next token only; N: also predict t+2..t+N with one extra module each
-    real_vocab_size: int = 0  # ids >= this are padding: their logits are cut off (0: none)
+# The model's configuration: the model flags of Hyperparameters (model_flag), each under its own name, and the
+# vocabulary the data brings. A new model flag reaches the model, and its checkpoints, with no copy to keep.
+MODEL_FIELDS = [f for f in dataclasses.fields(Hyperparameters) if f.metadata.get("model")]
+GPTConfig = dataclasses.make_dataclass(
+    "GPTConfig", [(f.name, f.type, field(default=f.default)) for f in MODEL_FIELDS] + [
+        ("vocab_size", int, field(default=50304)),  # padded: ids >= real_vocab_size never occur
+        ("real_vocab_size", int, field(default=0))])  # ids from here on are padding, their logits cut off (0: none)
 
 
 def padded_vocab(vocab_size, multiple=64):
     """Vocabulary rounded up so the output matmul has friendly shapes (the extra ids never occur)."""
     return (vocab_size + multiple - 1) // multiple * multiple
+
+
+def with_role(module, role):
+    """module, its matrices (>= 2-D parameters) marked with the optimizer role they get: "matrix" (Muon, or
+    AdamSN's subset norm: the blocks' weights), "embedding" or "head" (the Adam family at --embed_lr, --head_lr).
+    1-D parameters (gains, biases) are "vector" wherever they are. param_groups_for() refuses an unmarked matrix."""
+    for p in module.parameters():
+        if p.ndim >= 2:
+            p.optim_role = role
+    return module
 
 
 def make_norm(cfg, dim):
@@ -801,11 +778,11 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=cfg.bias)
-        self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * self.head_dim, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.q_proj = with_role(nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=cfg.bias), "matrix")
+        self.kv_proj = with_role(nn.Linear(cfg.n_embd, 2 * self.n_kv_head * self.head_dim, bias=cfg.bias), "matrix")
+        self.c_proj = with_role(nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias), "matrix")
         self.qk_norm, self.dropout = cfg.qk_norm, cfg.dropout
 
     def forward(self, x, rotary=None):
@@ -832,8 +809,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = with_role(nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias), "matrix")
+        self.c_proj = with_role(nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias), "matrix")
         self.relu2 = cfg.mlp == "relu2"
 
     def forward(self, x):
@@ -860,7 +837,7 @@ class MTPHead(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.norm = nn.RMSNorm(cfg.n_embd)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.proj = with_role(nn.Linear(cfg.n_embd, cfg.n_embd, bias=False), "matrix")
 
     def forward(self, h):
         return h + self.proj(self.norm(h))
@@ -870,13 +847,14 @@ class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
+        self.wte = with_role(nn.Embedding(cfg.vocab_size, cfg.n_embd), "embedding")
+        learned = cfg.pos_emb == "learned"
+        self.wpe = with_role(nn.Embedding(cfg.block_size, cfg.n_embd), "embedding") if learned else None
         self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size) if cfg.pos_emb == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg, cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = with_role(nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False), "head")
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.mtp_heads = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.mtp_steps - 1))
@@ -948,12 +926,13 @@ class GPT(nn.Module):
 
 def gpt_config(cfg, vocab_size):
     """The model that a resolved configuration describes, for a tokenizer of vocab_size ids."""
-    return GPTConfig(vocab_size=padded_vocab(vocab_size), real_vocab_size=vocab_size, block_size=cfg.block_size,
-                     n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.model_width,
-                     dropout=cfg.dropout, pos_emb=cfg.pos_emb, norm=cfg.norm, mlp=cfg.mlp, bias=cfg.bias,
-                     qk_norm=cfg.qk_norm, tie_embeddings=cfg.tie_embeddings, logit_softcap=cfg.logit_softcap,
-                     zero_init=cfg.zero_init, mtp_steps=cfg.mtp_steps)
+    values = {f.name: getattr(cfg, f.name) for f in MODEL_FIELDS}
+    values["n_embd"] = cfg.model_width
+    return GPTConfig(**values, vocab_size=padded_vocab(vocab_size), real_vocab_size=vocab_size)
 
+
+# -----------------------------------------------------------------------------
+# Sizing: parameters, memory and FLOPs of a configuration (the micro-batch fit, --check, MFU)
 
 def count_params(gcfg):
     """Parameter count of a model config, built on the meta device (no memory, no time)."""
@@ -1065,6 +1044,14 @@ def _check_hparam(ok, message):
         raise ValueError(message)
 
 
+def closure_loss(closure):
+    """What an optimizer's step(closure) returns: the closure's loss, computed with gradients on, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def optimizer_state_bytes(optimizers) -> int:
     """Total bytes held by tensors in the state of one optimizer or an iterable of optimizers.
 
@@ -1158,7 +1145,7 @@ class Muon(torch.optim.Optimizer):
             return 0.2 * math.sqrt(max(rows, cols))
         return math.sqrt(max(1.0, rows / cols))
 
-    def _momentum(self, p, group):
+    def _momentum(self, p, group, ok):
         state = self.state[p]
         dtype = _optim_state_dtype(p)
         if "momentum_buffer" not in state:
@@ -1166,31 +1153,34 @@ class Muon(torch.optim.Optimizer):
         buf = state["momentum_buffer"]
         grad = p.grad.to(dtype)
         mu = group["momentum"]
-        buf.lerp_(grad, 1 - mu)
+        if ok is None:
+            buf.lerp_(grad, 1 - mu)
+        else:  # a skipped step leaves the momentum as it was
+            buf.copy_(torch.where(ok, buf.lerp(grad, 1 - mu), buf))
         return grad.lerp(buf, mu) if group["nesterov"] else buf
 
-    def _update(self, params, group):
+    def _update(self, params, group, ok):
         """Updates same-shaped, same-dtype matrices of one group, orthogonalising their momenta as one batch."""
-        momenta = [self._momentum(p, group) for p in params]
+        momenta = [self._momentum(p, group, ok) for p in params]
         m = momenta[0] if len(params) == 1 else torch.stack(momenta)
         ns_dtype = group["ns_dtype"] or (torch.bfloat16 if params[0].is_cuda else torch.float32)
         o = self.newton_schulz(m, group["ns_coefficients"], group["ns_steps"], group["eps"], ns_dtype)
-        lr = group["lr"]
+        lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
+        if ok is not None:  # a skipped step: no decay, and a zero update in place of a non-finite one
+            o, decay = torch.where(ok, o, 0), torch.where(ok, decay, 1.0)
         for i, p in enumerate(params):
             dtype = _optim_state_dtype(p)
             w = p if p.dtype == dtype else p.to(dtype)
-            w.mul_(1 - lr * group["weight_decay"])
+            w.mul_(decay)
             w.add_((o if len(params) == 1 else o[i]).to(dtype), alpha=-lr * self._lr_scale(p.shape,
                                                                                             group["adjust_lr_fn"]))
             if w is not p:
                 p.copy_(w)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def step(self, closure=None, ok=None):
+        """One update; with ok, a 0-d bool tensor, the update applies only where ok is True (no host wait)."""
+        loss = closure_loss(closure)
         work = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not work:
             return loss
@@ -1205,7 +1195,7 @@ class Muon(torch.optim.Optimizer):
             p, group = work[i]
             batches.setdefault((id(group), p.shape, p.dtype), (group, []))[1].append(p)
         for group, params in batches.values():
-            self._update(params, group)
+            self._update(params, group, ok)
         if distributed:
             self._all_gather_weights(owned, rank, world)
         return loss
@@ -1235,222 +1225,20 @@ class Muon(torch.optim.Optimizer):
 
 
 # -----------------------------------------------------------------------------
-# Course optimizers: AdamSN and Adafactor, lean on state memory (compared in records/bench_optimizers.md)
-
-class AdamSN(torch.optim.Optimizer):
-    """Adam with subset-norm step sizes for hidden matrices and plain Adam for everything else.
-
-    For a parameter in a group with subset_norm=True (it must be 2-D, shape m x n), the second moment is kept per
-    row if m >= n and per column otherwise, i.e. over the larger dimension, fed by the sum of squared gradients
-    over the smaller one:
-        v <- beta2 * v + (1 - beta2) * sum_j g_ij^2      (shape m x 1 when m >= n, else 1 x n over i)
-    so the state holds max(m, n) values instead of m * n. Groups with subset_norm=False (the default) use
-    v <- beta2 * v + (1 - beta2) * g^2. Both then take the Adam step with decoupled weight decay:
-        p <- p * (1 - lr * weight_decay)
-        m <- beta1 * m + (1 - beta1) * g
-        p <- p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
-    with v broadcast over the reduced dimension. For subset_norm=False groups this is exactly torch.optim.AdamW.
-    beta1 = 0 drops the first moment (RMSProp-style), saving its memory. State is fp32 (fp64 for fp64 params).
-
-    Param groups are expected like
-        [{"params": hidden_mats, "subset_norm": True, "lr": sn_lr}, {"params": others, "lr": adam_lr}].
-    The reference suggests a subset-norm lr about 10x the coordinate-wise Adam lr, build_optimizers' default.
-
-    Differences from the reference code: eps is added to the bias-corrected sqrt(v), as in Kingma & Ba and
-    torch.optim.AdamW, and weight decay is applied before the step, as in AdamW.
-
-    References: T. Nguyen and H. Nguyen, "Subset-Norm and Subspace-Momentum: Faster Memory-Efficient Adaptive
-    Optimization with Convergence Guarantees" (ICML 2025), code github.com/timmytonga/sn-sm ;
-    D. Kingma and J. Ba, "Adam" (2015) ; I. Loshchilov and F. Hutter, "Decoupled Weight Decay Regularization" (2019).
-    """
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, subset_norm=False):
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
-                    "subset_norm": subset_norm}
-        super().__init__(params, defaults)
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        beta1, beta2 = group["betas"]
-        _check_hparam(group["lr"] > 0, f"AdamSN: lr must be positive, got {group['lr']}")
-        _check_hparam(0 <= beta1 < 1 and 0 <= beta2 < 1, f"AdamSN: betas must be in [0, 1), got {group['betas']}")
-        _check_hparam(group["eps"] >= 0, f"AdamSN: eps must be >= 0, got {group['eps']}")
-        _check_hparam(group["weight_decay"] >= 0, f"AdamSN: weight_decay must be >= 0, got {group['weight_decay']}")
-        if group["subset_norm"]:
-            for p in group["params"]:
-                _check_hparam(p.ndim == 2,
-                              f"AdamSN: subset_norm groups need 2-D parameters, got shape {tuple(p.shape)}")
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                dtype = _optim_state_dtype(p)
-                grad = p.grad.to(dtype)
-                if group["subset_norm"]:
-                    # Sum over the smaller dimension: per-row state for tall/square, per-column for wide.
-                    reduce_dim = 1 if p.size(0) >= p.size(1) else 0
-                    sq = grad.square().sum(dim=reduce_dim, keepdim=True)
-                else:
-                    sq = grad.square()
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    if beta1 > 0:
-                        state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(sq)
-                state["step"] += 1
-                t = state["step"]
-                v = state["exp_avg_sq"]
-                v.mul_(beta2).add_(sq, alpha=1 - beta2)
-                if beta1 > 0:
-                    m = state["exp_avg"]
-                    m.lerp_(grad, 1 - beta1)
-                else:
-                    m = grad
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-                w = p if p.dtype == dtype else p.to(dtype)
-                w.mul_(1 - lr * wd)
-                w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
-                if w is not p:
-                    p.copy_(w)
-        return loss
-
-
-class Adafactor(torch.optim.Optimizer):
-    """Adafactor (Shazeer & Stern, 2018): factored second moment, increasing beta2, update clipping, relative steps.
-
-    At step t, with gradient G and parameter X (before this step):
-        beta2_t = 1 - t^beta2_decay                                    (beta2_decay = -0.8 in the paper)
-        matrices (factored over the last two dims, leading dims are a batch):
-            R <- beta2_t R + (1 - beta2_t) rowsum(G^2 + eps1),  C <- beta2_t C + (1 - beta2_t) colsum(G^2 + eps1)
-            V = R C^T / sum(R)
-        vectors and scalars: V <- beta2_t V + (1 - beta2_t) (G^2 + eps1)
-        U = G / sqrt(V);  U <- U / max(1, RMS(U) / clip_threshold)     (clip_threshold=None disables clipping)
-        U <- beta1 m + (1 - beta1) U, kept as m, if beta1 is not None (the paper's optional first moment)
-        rho_t = min(lr, 1 / sqrt(t)) if relative_step else lr
-        alpha_t = max(eps2, RMS(X)) * rho_t if scale_parameter else rho_t
-        X <- X * (1 - lr * weight_decay) - alpha_t U
-    Defaults are the paper's (lr=1e-2 caps the relative step). relative_step=False, scale_parameter=False gives a
-    plain learning rate. State is fp32 (fp64 for fp64 params).
-
-    torch.optim.Adafactor(lr, beta2_decay, eps=(None, eps2), d, weight_decay) computes the same algorithm (it
-    also has relative steps capped by lr, parameter scaling and clipping) and this class matches it with
-    relative_step=True, scale_parameter=True, beta1=None, clip_threshold=d and the same lr, beta2_decay, eps2 and
-    weight_decay. The only difference is eps1: torch clamps the row-factor mean at eps1 and V at eps1^2 instead of
-    adding eps1 to G^2, which agrees to rounding whenever no squared-gradient row/column mean is below eps1
-    (machine epsilon by default in torch, 1e-30 here).
-
-    Reference: N. Shazeer and M. Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost" (ICML 2018).
-    """
-
-    def __init__(self, params, lr=1e-2, relative_step=True, scale_parameter=True, beta1=None, beta2_decay=-0.8,
-                 eps1=1e-30, eps2=1e-3, clip_threshold=1.0, weight_decay=0.0):
-        defaults = {"lr": lr, "relative_step": relative_step, "scale_parameter": scale_parameter, "beta1": beta1,
-                    "beta2_decay": beta2_decay, "eps1": eps1, "eps2": eps2, "clip_threshold": clip_threshold,
-                    "weight_decay": weight_decay}
-        super().__init__(params, defaults)
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_hparam(group["lr"] > 0, f"Adafactor: lr must be positive, got {group['lr']}")
-        _check_hparam(group["beta1"] is None or 0 <= group["beta1"] < 1,
-                      f"Adafactor: beta1 must be None or in [0, 1), got {group['beta1']}")
-        _check_hparam(group["beta2_decay"] <= 0, f"Adafactor: beta2_decay must be <= 0, got {group['beta2_decay']}")
-        _check_hparam(group["eps1"] >= 0 and group["eps2"] >= 0,
-                      f"Adafactor: eps1 and eps2 must be >= 0, got {group['eps1']}, {group['eps2']}")
-        _check_hparam(group["clip_threshold"] is None or group["clip_threshold"] > 0,
-                      f"Adafactor: clip_threshold must be positive or None, got {group['clip_threshold']}")
-        _check_hparam(group["weight_decay"] >= 0, f"Adafactor: weight_decay must be >= 0, got {group['weight_decay']}")
-
-    @staticmethod
-    def _rms(x):  # a 0-d tensor: no host synchronisation
-        return x.norm() / math.sqrt(x.numel())
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, eps1, beta1, d = group["lr"], group["eps1"], group["beta1"], group["clip_threshold"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                dtype = _optim_state_dtype(p)
-                grad = p.grad.to(dtype)
-                factored = grad.ndim >= 2
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    if factored:
-                        state["row"] = grad.new_zeros(grad.shape[:-1] + (1,))
-                        state["col"] = grad.new_zeros(grad.shape[:-2] + (1, grad.size(-1)))
-                    else:
-                        state["v"] = torch.zeros_like(grad)
-                    if beta1 is not None:
-                        state["exp_avg"] = torch.zeros_like(grad)
-                state["step"] += 1
-                t = state["step"]
-                beta2 = 1 - t ** group["beta2_decay"]
-                sq = grad.square().add_(eps1)
-                if factored:
-                    row, col = state["row"], state["col"]
-                    row.mul_(beta2).add_(sq.sum(dim=-1, keepdim=True), alpha=1 - beta2)
-                    col.mul_(beta2).add_(sq.sum(dim=-2, keepdim=True), alpha=1 - beta2)
-                    # normalise R before the outer product: R C^T alone can underflow fp32 (eps1^2 = 1e-60)
-                    v = (row / row.sum(dim=-2, keepdim=True)) @ col
-                else:
-                    v = state["v"]
-                    v.mul_(beta2).add_(sq, alpha=1 - beta2)
-                update = grad / v.sqrt()
-                if d is not None:
-                    update.div_((self._rms(update) / d).clamp(min=1.0))
-                if beta1 is not None:
-                    update = state["exp_avg"].lerp_(update, 1 - beta1)
-                w = p if p.dtype == dtype else p.to(dtype)
-                rho = min(lr, 1 / math.sqrt(t)) if group["relative_step"] else lr
-                # alpha_t: rho times the parameter's RMS before this step, kept on the device
-                alpha = self._rms(w).clamp(min=group["eps2"]) * rho if group["scale_parameter"] else rho
-                w.mul_(1 - lr * group["weight_decay"])
-                w.sub_(update * alpha)  # not in place: with beta1, update is the first-moment state
-                if w is not p:
-                    p.copy_(w)
-        return loss
-
-
-# -----------------------------------------------------------------------------
 # Optimizer setup: which parameters each optimizer takes, the learning-rate schedule, one update
 
 def param_groups_for(model):
-    """Splits parameters four ways: hidden matrices (>= 2-D inside the blocks and MTP modules), embeddings, an
-    untied output head (a tied one is the token embedding), and every 1-D parameter."""
-    hidden, embeddings, head, vectors = [], [], [], []
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.ndim < 2:
-            vectors.append(p)
-        elif name.startswith(("wte", "wpe")):
-            embeddings.append(p)
-        elif name.startswith("lm_head"):
-            head.append(p)
-        else:
-            hidden.append(p)
-    return hidden, embeddings, head, vectors
+    """The parameters by the optimizer role each declared where it was made (with_role): hidden matrices,
+    embeddings, an untied output head (a tied one is the token embedding), and every 1-D parameter. A matrix with no
+    role is refused, so a new table never reaches Muon unasked."""
+    groups = {"matrix": [], "embedding": [], "head": [], "vector": []}
+    for name, p in model.named_parameters():  # a shared (tied) tensor comes once
+        role = "vector" if p.ndim < 2 else getattr(p, "optim_role", None)
+        if role not in groups:
+            raise ValueError(f"parameter {name} {tuple(p.shape)} declares no optimizer role: create its module "
+                             "with with_role(module, 'matrix' | 'embedding' | 'head')")
+        groups[role].append(p)
+    return groups["matrix"], groups["embedding"], groups["head"], groups["vector"]
 
 
 def build_optimizers(model, cfg, device):
@@ -1488,13 +1276,11 @@ def build_optimizers(model, cfg, device):
         optimizers = [AdamSN([dict(params=hidden, subset_norm=True, lr=sn_lr, weight_decay=decay_as_adamw(sn_lr)),
                               dict(params=embed_head, weight_decay=wd), dict(params=vectors, weight_decay=0.0)],
                              lr=lr, betas=betas, eps=1e-8)]
-    elif cfg.optimizer == "adafactor":  # the paper's algorithm for every parameter, with its own rate
+    else:  # adafactor (CHOICES admits no other): the paper's algorithm for every parameter, with its own rate
         af_lr, relative = cfg.adafactor_lr, cfg.adafactor_relative_step
         optimizers = [Adafactor([dict(params=hidden + embed_head, weight_decay=decay_as_adamw(af_lr)),
                                  dict(params=vectors, weight_decay=0.0)], lr=af_lr, relative_step=relative,
                                 scale_parameter=relative)]
-    else:
-        raise UsageError(f"--optimizer {cfg.optimizer}: valid choices are {', '.join(CHOICES['optimizer'])}")
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -1550,25 +1336,20 @@ def optimizer_step(optimizers, scaler, params, grad_clip):
 
 
 def gated_step(opt, ok):
-    """opt.step() where the 0-d bool tensor ok is True, and no change where it is False. A CPU reads ok at no cost;
-    on a GPU reading it would stall the queue, so the step runs and torch.where puts the old parameters and state
-    back (one more pass over them, small beside a step). State the step creates is zeroed, as if never made;
-    Python-number step counters (AdamSN, Adafactor) still count a skipped GPU step."""
-    if ok.device.type == "cpu":
-        if ok:
+    """opt.step() where the 0-d bool tensor ok is True, and no change at all where it is False, at no cost when
+    nothing is wrong: fused Adam/AdamW take the flag as found_inf (the GradScaler's own way of skipping a step) and
+    Muon gates its update with it, on the device, without waiting for a GPU. Elsewhere the flag is read: free on a
+    CPU, one wait per step on a GPU (the course optimizers, which the recipes do not use)."""
+    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and opt.defaults.get("fused"):
+        opt.found_inf = (~ok).float()
+        try:
             opt.step()
-        return
-    state_tensors = lambda: [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
-    kept = [p for group in opt.param_groups for p in group["params"] if p.grad is not None] + state_tensors()
-    before = [t.clone() for t in kept]
-    known = {id(t) for t in kept}
-    opt.step()
-    with torch.no_grad():
-        for t, old in zip(kept, before):
-            t.copy_(torch.where(ok, t, old))
-        for t in state_tensors():
-            if id(t) not in known:
-                t.copy_(torch.where(ok, t, torch.zeros_like(t)))
+        finally:
+            del opt.found_inf
+    elif isinstance(opt, Muon) and ok.device.type != "cpu":
+        opt.step(ok=ok)
+    elif ok:
+        opt.step()
 
 
 # -----------------------------------------------------------------------------
@@ -1634,10 +1415,9 @@ class Trainer:
     def facts(self):
         """What the data and the model add to the configuration, for the log's header."""
         g = self.gcfg
-        dtype_bytes = 4 if self.cfg.precision == "fp32" else 2
-        return dict(vocab_size=self.meta["vocab_size"], padded_vocab_size=g.vocab_size, head_dim=g.n_embd // g.n_head,
-                    params=count_params(g), kv_cache_bytes_per_token=2 * g.n_layer * g.n_kv_head *
-                    (g.n_embd // g.n_head) * dtype_bytes, val_tokens_evaluated=self.val_set.n_tokens)
+        return dict(tokens_per_step=self.cfg.tokens_per_step, vocab_size=self.meta["vocab_size"],
+                    padded_vocab_size=g.vocab_size, head_dim=g.n_embd // g.n_head, params=count_params(g),
+                    val_tokens_evaluated=self.val_set.n_tokens)
 
     def setup(self):
         """The heavy part, once every check has passed: model, optimizers, precision and the run's counters."""
@@ -1706,7 +1486,8 @@ class Trainer:
 
     def train_step(self, step):
         """One optimizer step over accum_steps_per_rank micro-batches.
-        Returns (mean next-token loss tensor, whether the update was applied, whether the step was bad)."""
+        Returns the mean next-token loss, the gradient norm before clipping and whether the step was bad: 0-d
+        tensors on the device, read when the loop logs."""
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(step, self.cfg)
@@ -1725,11 +1506,11 @@ class Trainer:
                 self.scaler.scale(loss / accum).backward()
             loss_sum += main.detach()
         loss = loss_sum / accum
-        applied, self.last_grad_norm = optimizer_step(self.optimizers, self.scaler, self.params, self.cfg.grad_clip)
+        applied, grad_norm = optimizer_step(self.optimizers, self.scaler, self.params, self.cfg.grad_clip)
         # An fp16 overflow is the GradScaler's business; anything else non-finite is a bad step. Both flags stay on
         # the device: the loop reads them when it logs.
         bad = ~applied & (torch.ones_like(applied) if not self.scaler.is_enabled() else ~torch.isfinite(loss))
-        return loss, applied, bad
+        return loss, grad_norm, bad
 
     @torch.no_grad()
     def evaluate(self):
@@ -1780,7 +1561,7 @@ class Trainer:
                 if self.reached is not None or self.step == cfg.max_iters:
                     break
             epoch = self.train_loader.epoch
-            loss, _, bad = self.train_step(self.step)
+            loss, grad_norm, bad = self.train_step(self.step)
             self.step += 1
             self.unread_bad.append((self.step, bad))
             if self.train_loader.epoch != epoch:
@@ -1789,7 +1570,7 @@ class Trainer:
                 self.log_state_bytes()
             if cfg.wandb or self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
                 self.count_bad_steps()
-                self.log_progress(loss)
+                self.log_progress(loss, grad_norm)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_iters:
                 with self.clock.paused():
                     self.count_bad_steps()
@@ -1840,8 +1621,9 @@ class Trainer:
                                 f"{self.cfg.max_bad_steps}) at step {self.step}; the last good state is saved in "
                                 f"{path}: lower --learning_rate or use --precision fp32, then --resume")
 
-    def log_progress(self, loss):
-        """Train loss, time, throughput and MFU: printed every log_interval steps, sent to wandb when it is on."""
+    def log_progress(self, loss, grad_norm):
+        """Train loss, gradient norm, time, throughput and MFU: printed every log_interval steps, sent to wandb when
+        it is on."""
         cfg = self.cfg
         elapsed = self.clock.ms()
         if self.world_size > 1:
@@ -1850,7 +1632,7 @@ class Trainer:
         tok_s = cfg.tokens_per_step * steps / (elapsed - start_ms) * 1000 if elapsed > start_ms else float("nan")
         mfu = 100 * self.flops_per_token * tok_s / (self.peak * self.world_size) if self.peak else None
         loss = loss.item()
-        values = dict(train_loss=loss, lr=self.optimizers[0].param_groups[0]["lr"],
+        values = dict(train_loss=loss, grad_norm=grad_norm.item(), lr=self.optimizers[0].param_groups[0]["lr"],
                       tokens=self.step * cfg.tokens_per_step, tokens_per_s=tok_s, mfu=mfu,
                       mtp_weight=mtp_weight_at(self.step - 1, cfg) if cfg.mtp_steps > 1 else None,
                       grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None)
@@ -1860,7 +1642,7 @@ class Trainer:
             extra += f" grad_scale:{values['grad_scale']:.0f}" if self.scaler.is_enabled() else ""
             self.log(f"step:{self.step}/{cfg.max_iters} train_loss:{loss:.4f} train_time:{elapsed:.0f}ms "
                      f"step_avg:{elapsed / self.step:.2f}ms tok/s:{tok_s:.0f} "
-                     f"mfu:{'n/a' if mfu is None else f'{mfu:.2f}%'}{extra}")
+                     f"mfu:{'n/a' if mfu is None else f'{mfu:.2f}%'} grad_norm:{values['grad_norm']:.4f}{extra}")
             self.metrics(step=self.step, train_time_ms=elapsed, **values)
 
     def log_state_bytes(self):
@@ -1963,33 +1745,6 @@ def own_source():
 
 def source_sha256():
     return hashlib.sha256(own_source().encode("utf-8")).hexdigest()
-
-
-def read_checkpoint(path, mmap=False):
-    """Loads a checkpoint as data only (weights_only: no code runs); one clear error for anything unreadable.
-    mmap=True maps the file instead of reading it, for callers that need only its configuration."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--resume {path}: no such checkpoint file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # truncated, corrupt or not a torch file at all
-        raise UsageError(f"--resume {path}: unreadable checkpoint ({type(e).__name__}); resume from an earlier "
-                         "one or start anew") from None
-    needed = {"model", "optimizers", "scaler", "loader", "step", "train_time_ms", "model_config", "hyperparameters"}
-    if not isinstance(payload, dict) or not needed <= set(payload):
-        raise UsageError(f"--resume {path}: not a train_gpt.py checkpoint (a model.pt is for --sample)")
-    return payload
-
-
-def find_checkpoint(resume, log_dir, run_id):
-    """--resume PATH, or --resume auto: the latest checkpoint of --run_id, else of the most recent run."""
-    if resume != "auto":
-        return resume
-    where = os.path.join(log_dir, run_id or "*", "checkpoint_*.pt")
-    found = glob.glob(where)
-    if not found:
-        raise UsageError(f"--resume auto: no checkpoint matches {where}; runs save them with --save_every N")
-    return max(found, key=lambda p: (os.path.getmtime(p), p))
 
 
 def start_wandb(cfg, log):
@@ -2284,6 +2039,241 @@ def run_cli(entry):
         sys.exit(2 if isinstance(e, UsageError) else 3)
     except KeyboardInterrupt:  # main() printed where to resume from; the last checkpoint stays as it was
         sys.exit(130)
+
+
+# -----------------------------------------------------------------------------
+# The course's other flag spellings and optimizers, which neither recipe uses
+
+# Other spellings users already type (nanoGPT's and the course assignment's). A plain alias names the same field;
+# the spellings in resolve_spellings() compute their field from several flags.
+ALIASES = {"gradient_accumulation_steps": "grad_accum_steps", "optimizer_variant": "optimizer"}
+
+
+SPELLING_FLAGS = ("gqa_enabled", "kv_head_ratio", "n_headgroup", "mtp_enabled", "mtp_max_steps", "eval_iters")
+
+
+def add_spelling_flags(parser):
+    other = parser.add_argument_group("other spellings, each resolved into one field above")
+    other.add_argument("--gqa_enabled", type=parse_bool, nargs="?", const=True,
+                       help="with --kv_head_ratio R: n_kv_head = the largest divisor of n_head <= R * n_head")
+    other.add_argument("--kv_head_ratio", type=float, help="see --gqa_enabled")
+    other.add_argument("--n_headgroup", type=int, help="query heads per key/value head: n_kv_head = n_head / this")
+    other.add_argument("--mtp_enabled", type=parse_bool, nargs="?", const=True,
+                       help="multi-token prediction: mtp_steps = --mtp_max_steps (default 2)")
+    other.add_argument("--mtp_max_steps", type=int, help="see --mtp_enabled")
+    other.add_argument("--eval_iters", type=int, help="nanoGPT's: val_tokens = eval_iters * batch_size * block_size")
+
+
+def resolve_spellings(values, spellings):
+    """The fields that the other spellings (SPELLING_FLAGS) ask for, given the other resolved values."""
+    out = {}
+    if "eval_iters" in spellings:
+        if spellings["eval_iters"] <= 0:
+            raise UsageError(f"--eval_iters must be positive, got {spellings['eval_iters']}")
+        out["val_tokens"] = spellings["eval_iters"] * values["batch_size"] * values["block_size"]
+    n_head, n_kv_head = values["n_head"], values["n_kv_head"]
+    valid = f"valid values are {divisors(n_head)}"
+    group, ratio, gqa = spellings.get("n_headgroup"), spellings.get("kv_head_ratio"), spellings.get("gqa_enabled")
+    if group is not None:
+        if group <= 0 or n_head % group:
+            raise UsageError(f"--n_headgroup {group} must divide n_head {n_head}: {valid}")
+        if n_kv_head and n_kv_head * group != n_head:
+            raise UsageError(f"--n_kv_head {n_kv_head} and --n_headgroup {group} disagree: n_kv_head * n_headgroup "
+                             f"must equal n_head ({n_head}); give only one of them")
+        out["n_kv_head"] = n_head // group
+    if ratio is not None and not gqa:
+        raise UsageError("--kv_head_ratio is read only with --gqa_enabled; add --gqa_enabled or drop the ratio")
+    if gqa and not (n_kv_head or group):
+        if ratio is None or not 0 < ratio <= 1:
+            raise UsageError(f"--gqa_enabled needs --kv_head_ratio in (0, 1], got {ratio}")
+        out["n_kv_head"] = max(d for d in divisors(n_head) if d <= max(1, int(ratio * n_head)))
+    depth, mtp = spellings.get("mtp_max_steps"), spellings.get("mtp_enabled")
+    if depth is not None and not mtp:
+        raise UsageError("--mtp_max_steps is read only with --mtp_enabled; add --mtp_enabled or use --mtp_steps N")
+    if mtp is not None:
+        depth = 2 if depth is None else depth
+        if not 2 <= depth <= MAX_MTP_STEPS:
+            raise UsageError(f"--mtp_max_steps must be 2 to {MAX_MTP_STEPS} (predict t+1..t+N), got {depth}")
+        out["mtp_steps"] = depth if mtp else 1
+    return out
+
+
+class AdamSN(torch.optim.Optimizer):
+    """Adam with subset-norm step sizes for hidden matrices and plain Adam for everything else.
+
+    For a parameter in a group with subset_norm=True (it must be 2-D, shape m x n), the second moment is kept per
+    row if m >= n and per column otherwise, i.e. over the larger dimension, fed by the sum of squared gradients
+    over the smaller one:
+        v <- beta2 * v + (1 - beta2) * sum_j g_ij^2      (shape m x 1 when m >= n, else 1 x n over i)
+    so the state holds max(m, n) values instead of m * n. Groups with subset_norm=False (the default) use
+    v <- beta2 * v + (1 - beta2) * g^2. Both then take the Adam step with decoupled weight decay:
+        p <- p * (1 - lr * weight_decay)
+        m <- beta1 * m + (1 - beta1) * g
+        p <- p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+    with v broadcast over the reduced dimension. For subset_norm=False groups this is exactly torch.optim.AdamW.
+    beta1 = 0 drops the first moment (RMSProp-style), saving its memory. State is fp32 (fp64 for fp64 params).
+
+    Param groups are expected like
+        [{"params": hidden_mats, "subset_norm": True, "lr": sn_lr}, {"params": others, "lr": adam_lr}].
+
+    References: T. Nguyen and H. Nguyen, "Subset-Norm and Subspace-Momentum: Faster Memory-Efficient Adaptive
+    Optimization with Convergence Guarantees" (ICML 2025), code github.com/timmytonga/sn-sm ;
+    D. Kingma and J. Ba, "Adam" (2015) ; I. Loshchilov and F. Hutter, "Decoupled Weight Decay Regularization" (2019).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, subset_norm=False):
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "subset_norm": subset_norm}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        beta1, beta2 = group["betas"]
+        _check_hparam(group["lr"] > 0, f"AdamSN: lr must be positive, got {group['lr']}")
+        _check_hparam(0 <= beta1 < 1 and 0 <= beta2 < 1, f"AdamSN: betas must be in [0, 1), got {group['betas']}")
+        _check_hparam(group["eps"] >= 0, f"AdamSN: eps must be >= 0, got {group['eps']}")
+        _check_hparam(group["weight_decay"] >= 0, f"AdamSN: weight_decay must be >= 0, got {group['weight_decay']}")
+        if group["subset_norm"]:
+            for p in group["params"]:
+                _check_hparam(p.ndim == 2,
+                              f"AdamSN: subset_norm groups need 2-D parameters, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure_loss(closure)
+        for group in self.param_groups:
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                dtype = _optim_state_dtype(p)
+                grad = p.grad.to(dtype)
+                if group["subset_norm"]:
+                    # Sum over the smaller dimension: per-row state for tall/square, per-column for wide.
+                    reduce_dim = 1 if p.size(0) >= p.size(1) else 0
+                    sq = grad.square().sum(dim=reduce_dim, keepdim=True)
+                else:
+                    sq = grad.square()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    if beta1 > 0:
+                        state["exp_avg"] = torch.zeros_like(grad)
+                    state["exp_avg_sq"] = torch.zeros_like(sq)
+                state["step"] += 1
+                t = state["step"]
+                v = state["exp_avg_sq"]
+                v.mul_(beta2).add_(sq, alpha=1 - beta2)
+                if beta1 > 0:
+                    m = state["exp_avg"]
+                    m.lerp_(grad, 1 - beta1)
+                else:
+                    m = grad
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+                w = p if p.dtype == dtype else p.to(dtype)
+                w.mul_(1 - lr * wd)
+                w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+                if w is not p:
+                    p.copy_(w)
+        return loss
+
+
+class Adafactor(torch.optim.Optimizer):
+    """Adafactor (Shazeer & Stern, 2018): factored second moment, increasing beta2, update clipping, relative steps.
+
+    At step t, with gradient G and parameter X (before this step):
+        beta2_t = 1 - t^beta2_decay                                    (beta2_decay = -0.8 in the paper)
+        matrices (factored over the last two dims, leading dims are a batch):
+            R <- beta2_t R + (1 - beta2_t) rowsum(G^2 + eps1),  C <- beta2_t C + (1 - beta2_t) colsum(G^2 + eps1)
+            V = R C^T / sum(R)
+        vectors and scalars: V <- beta2_t V + (1 - beta2_t) (G^2 + eps1)
+        U = G / sqrt(V);  U <- U / max(1, RMS(U) / clip_threshold)     (clip_threshold=None disables clipping)
+        U <- beta1 m + (1 - beta1) U, kept as m, if beta1 is not None (the paper's optional first moment)
+        rho_t = min(lr, 1 / sqrt(t)) if relative_step else lr
+        alpha_t = max(eps2, RMS(X)) * rho_t if scale_parameter else rho_t
+        X <- X * (1 - lr * weight_decay) - alpha_t U
+    Defaults are the paper's (lr=1e-2 caps the relative step). relative_step=False, scale_parameter=False gives a
+    plain learning rate. State is fp32 (fp64 for fp64 params).
+
+    With relative_step=True, scale_parameter=True, beta1=None it matches torch.optim.Adafactor (README, Optimizers).
+
+    Reference: N. Shazeer and M. Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost" (ICML 2018).
+    """
+
+    def __init__(self, params, lr=1e-2, relative_step=True, scale_parameter=True, beta1=None, beta2_decay=-0.8,
+                 eps1=1e-30, eps2=1e-3, clip_threshold=1.0, weight_decay=0.0):
+        defaults = {"lr": lr, "relative_step": relative_step, "scale_parameter": scale_parameter, "beta1": beta1,
+                    "beta2_decay": beta2_decay, "eps1": eps1, "eps2": eps2, "clip_threshold": clip_threshold,
+                    "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hparam(group["lr"] > 0, f"Adafactor: lr must be positive, got {group['lr']}")
+        _check_hparam(group["beta1"] is None or 0 <= group["beta1"] < 1,
+                      f"Adafactor: beta1 must be None or in [0, 1), got {group['beta1']}")
+        _check_hparam(group["beta2_decay"] <= 0, f"Adafactor: beta2_decay must be <= 0, got {group['beta2_decay']}")
+        _check_hparam(group["eps1"] >= 0 and group["eps2"] >= 0,
+                      f"Adafactor: eps1 and eps2 must be >= 0, got {group['eps1']}, {group['eps2']}")
+        _check_hparam(group["clip_threshold"] is None or group["clip_threshold"] > 0,
+                      f"Adafactor: clip_threshold must be positive or None, got {group['clip_threshold']}")
+        _check_hparam(group["weight_decay"] >= 0, f"Adafactor: weight_decay must be >= 0, got {group['weight_decay']}")
+
+    @staticmethod
+    def _rms(x):  # a 0-d tensor: no host synchronisation
+        return x.norm() / math.sqrt(x.numel())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure_loss(closure)
+        for group in self.param_groups:
+            lr, eps1, beta1, d = group["lr"], group["eps1"], group["beta1"], group["clip_threshold"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                dtype = _optim_state_dtype(p)
+                grad = p.grad.to(dtype)
+                factored = grad.ndim >= 2
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    if factored:
+                        state["row"] = grad.new_zeros(grad.shape[:-1] + (1,))
+                        state["col"] = grad.new_zeros(grad.shape[:-2] + (1, grad.size(-1)))
+                    else:
+                        state["v"] = torch.zeros_like(grad)
+                    if beta1 is not None:
+                        state["exp_avg"] = torch.zeros_like(grad)
+                state["step"] += 1
+                t = state["step"]
+                beta2 = 1 - t ** group["beta2_decay"]
+                sq = grad.square().add_(eps1)
+                if factored:
+                    row, col = state["row"], state["col"]
+                    row.mul_(beta2).add_(sq.sum(dim=-1, keepdim=True), alpha=1 - beta2)
+                    col.mul_(beta2).add_(sq.sum(dim=-2, keepdim=True), alpha=1 - beta2)
+                    # normalise R before the outer product: R C^T alone can underflow fp32 (eps1^2 = 1e-60)
+                    v = (row / row.sum(dim=-2, keepdim=True)) @ col
+                else:
+                    v = state["v"]
+                    v.mul_(beta2).add_(sq, alpha=1 - beta2)
+                update = grad / v.sqrt()
+                if d is not None:
+                    update.div_((self._rms(update) / d).clamp(min=1.0))
+                if beta1 is not None:
+                    update = state["exp_avg"].lerp_(update, 1 - beta1)
+                w = p if p.dtype == dtype else p.to(dtype)
+                rho = min(lr, 1 / math.sqrt(t)) if group["relative_step"] else lr
+                # alpha_t: rho times the parameter's RMS before this step, kept on the device
+                alpha = self._rms(w).clamp(min=group["eps2"]) * rho if group["scale_parameter"] else rho
+                w.mul_(1 - lr * group["weight_decay"])
+                w.sub_(update * alpha)  # not in place: with beta1, update is the first-moment state
+                if w is not p:
+                    p.copy_(w)
+        return loss
 
 
 if __name__ == "__main__":

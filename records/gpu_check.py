@@ -71,8 +71,8 @@ def part_machine(args):
     import train_gpt
     out = {"versions": train_gpt.versions(), "python": sys.executable}
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        out.update(gpu=torch.cuda.get_device_name(0), capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+        props, (major, minor) = torch.cuda.get_device_properties(0), torch.cuda.get_device_capability(0)
+        out.update(gpu=torch.cuda.get_device_name(0), capability=f"{major}.{minor}",
                    memory_gib=round(props.total_memory / GIB, 1), gpus=torch.cuda.device_count(),
                    peak_bf16_tflops=(train_gpt.peak_flops(torch.device("cuda", 0)) or 0) / 1e12)
         out["nvidia_smi"] = train_gpt.hardware_description(torch.device("cuda", 0))
@@ -241,8 +241,9 @@ def main(argv=None):
     out_dir = args.out or default_out_dir(args.device)
     os.makedirs(out_dir, exist_ok=True)
     deadline = time.perf_counter() + args.budget_s
+    command = "python records/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = dict(date=f"{datetime.datetime.now():%Y-%m-%d %H:%M}", device=args.device, budget_s=args.budget_s,
-                  steps=args.steps, eager=args.eager, command="python records/gpu_check.py " + " ".join(argv or sys.argv[1:]))
+                  steps=args.steps, eager=args.eager, command=command)
     records = []
     with tempfile.TemporaryDirectory() as data:
         # enough tokens for every step of the largest part: 3 warm + timed + 1 profiled, twice over

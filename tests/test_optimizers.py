@@ -444,3 +444,81 @@ def test_adafactor_flags_reach_the_optimizer():
     assert all(not g["relative_step"] and not g["scale_parameter"] for g in opt.param_groups)
     _, _, (opt,) = built_optimizers("--optimizer", "adamsn", "--learning_rate", "1e-3")
     assert [g["lr"] for g in opt.param_groups] == [train_gpt.SN_LR_MULTIPLIER * 1e-3, 1e-3, 1e-3]
+
+
+# --- a non-finite step changes nothing, and costs no copy of the state when nothing is wrong
+
+def stepped_pair(make):
+    """Two identical (parameters, optimizer) pairs after one ordinary step."""
+    pairs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(8, 24))]
+        opt = make(params)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        pairs.append((params, opt))
+    return pairs
+
+
+@pytest.mark.parametrize("make", [lambda ps: Muon(ps, lr=0.02, weight_decay=0.1),
+                                  lambda ps: torch.optim.AdamW(ps, lr=0.01, fused=True)], ids=["muon", "fused_adamw"])
+def test_gated_step_is_the_plain_step_or_no_change_without_copying_state(make, monkeypatch):
+    (params, opt), (reference, ref_opt) = stepped_pair(make)
+    gate = (lambda ok: opt.step(ok=ok)) if isinstance(opt, Muon) else (lambda ok: train_gpt.gated_step(opt, ok))
+    monkeypatch.setattr(torch.Tensor, "clone", lambda *a, **k: pytest.fail("the gated step copied a tensor"))
+    torch.manual_seed(1)
+    grads = [torch.randn_like(p) for p in params]
+    for p, r, g in zip(params, reference, grads):
+        p.grad, r.grad = g.detach().add(0), g.detach().add(0)  # add(0): a copy without clone()
+    gate(torch.tensor(True))
+    ref_opt.step()
+    for p, r in zip(params, reference):
+        assert torch.equal(p, r)
+    monkeypatch.undo()
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    gate(torch.tensor(False))
+    for p, old, old_state in zip(params, before, state):
+        assert torch.equal(p, old)
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, old_state[key]), key
+
+
+# --- parameters reach optimizers by the role they declare
+
+@pytest.mark.parametrize("flags", [["--recipe", "speedrun", "--mtp_steps", "3", "--n_kv_head", "2"],
+                                   ["--recipe", "classic"], ["--recipe", "classic", "--optimizer", "adafactor"],
+                                   ["--recipe", "speedrun", "--optimizer", "adamsn", "--bias", "True"]])
+def test_every_parameter_is_in_exactly_one_optimizer_group(flags):
+    cfg = train_gpt.resolve_config(["--device", "cpu", "--run_id", "roles", *flags])
+    model = train_gpt.GPT(train_gpt.gpt_config(cfg, 65))
+    grouped = [id(p) for opt in train_gpt.build_optimizers(model, cfg, torch.device("cpu"))
+               for group in opt.param_groups for p in group["params"]]
+    assert len(grouped) == len(set(grouped))
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+
+
+def test_a_new_matrix_goes_where_its_declared_role_says_never_to_muon_unasked():
+    cfg = train_gpt.resolve_config(["--device", "cpu", "--run_id", "roles", "--embed_lr", "0.3"])
+    model = train_gpt.GPT(train_gpt.gpt_config(cfg, 65))
+    model.bigram = torch.nn.Embedding(65 * 65, cfg.n_embd)  # a new table, its role forgotten
+    with pytest.raises(ValueError, match=r"parameter bigram.weight \(4225, 128\) declares no optimizer role"):
+        train_gpt.param_groups_for(model)
+    model.bigram = train_gpt.with_role(torch.nn.Embedding(65 * 65, cfg.n_embd), "embedding")
+    muon, adamw = train_gpt.build_optimizers(model, cfg, torch.device("cpu"))
+    table = model.bigram.weight
+    assert all(p is not table for group in muon.param_groups for p in group["params"])
+    group = next(g for g in adamw.param_groups if any(p is table for p in g["params"]))
+    assert group["lr"] == 0.3 and group["params"][0] is model.wte.weight
+
+
+def test_every_124m_preset_gets_the_one_table_of_124m_rates():
+    rates = ("muon_lr", "embed_lr", "head_lr", "learning_rate")
+    for preset in ("gpt2_124m", "bottlecap"):
+        cfg = train_gpt.resolve_config(["--preset", preset, "--device", "cpu", "--run_id", "rates"])
+        assert {k: getattr(cfg, k) for k in rates} == dict(muon_lr=0.04, embed_lr=0.6, head_lr=0.008,
+                                                           learning_rate=0.04), preset

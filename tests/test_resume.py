@@ -135,17 +135,19 @@ def test_nan_step_applies_no_update_and_too_many_stop_with_a_checkpoint(tmp_path
     trainer = train_gpt.Trainer(cfg)
     trainer.setup()
     for step in range(2):
-        assert trainer.train_step(step)[1:] == (True, False)
+        _, grad_norm, bad = trainer.train_step(step)
+        assert torch.isfinite(grad_norm) and not bad
     weights = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
     moments = {k: v.clone() for k, v in trainer.optimizers[0].state[trainer.params[0]].items()}
     healthy = trainer.model
     trainer.model = Poisoned(healthy)
-    loss, applied, bad = trainer.train_step(2)
-    assert bad and not applied and not torch.isfinite(loss)
+    loss, grad_norm, bad = trainer.train_step(2)
+    assert bad and not torch.isfinite(grad_norm) and not torch.isfinite(loss)
     assert_bitwise_equal(weights, trainer.raw_model.state_dict())
     assert_bitwise_equal(moments, trainer.optimizers[0].state[trainer.params[0]])
     trainer.model = healthy
-    assert trainer.train_step(3)[1:] == (True, False)  # a good step after a bad one applies again
+    _, grad_norm, bad = trainer.train_step(3)  # a good step after a bad one applies again
+    assert torch.isfinite(grad_norm) and not bad
     lines = []
     trainer.log = lines.append
     trainer.model = Poisoned(healthy)
