@@ -32,6 +32,7 @@ Exit code: 0 when every run succeeded, 1 when any failed (the tables still show 
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -82,10 +83,10 @@ FALLBACK_LR = 2e-3
 
 RECIPES = ["classic", "speedrun"]
 
-# The speedrun's settings in the recipes suite: the recipe's own settings on the preset (train_gpt.RECIPE_PRESETS),
+# The speedrun's settings in the recipes suite: the recipe's own settings on the preset (its "recipes" entry),
 # passed as flags so each log says them. max_iters is the step budget (--speedrun_steps overrides it; the warmdown
 # stays WARMDOWN_FRACTION of it); eval_interval only sets how often the (untimed) validation checks for the target.
-SPEEDRUN_SETTINGS = train_gpt.RECIPE_PRESETS[("speedrun", "shakespeare_char")]
+SPEEDRUN_SETTINGS = train_gpt.PRESETS["shakespeare_char"]["recipes"]["speedrun"]
 
 # speedrun with one feature switched off (or swapped for classic's choice)
 ABLATIONS = {
@@ -270,9 +271,12 @@ class Bench:
 
 def schedule_flags(recipe, steps):
     """Warmup and warmdown scaled to half the run when the recipe's own do not fit in `steps`, else none."""
-    warmup, warmdown = (train_gpt.RECIPES[recipe][k] for k in ("warmup_iters", "warmdown_iters"))
-    if warmdown is None:  # a fraction of max_iters: always fits
+    settings = {f.name: f.default for f in dataclasses.fields(train_gpt.Hyperparameters)}
+    settings.update(train_gpt.RECIPES[recipe])
+    warmup, warmdown = settings["warmup_iters"], settings["warmdown_iters"]
+    if warmdown is None and settings["schedule"] == "wsd":  # a fraction of max_iters: always fits
         return []
+    warmdown = warmdown or 0
     if warmup + warmdown <= steps:
         return []
     total = warmup + warmdown
