@@ -1717,6 +1717,29 @@ class Trainer:
 # -----------------------------------------------------------------------------
 # Checkpoints and logging
 
+import re  # noqa: E402  (only the log's patterns use it)
+
+# The lines of a run log that tools read back (records/verify.py, benchmark.py, plot.py, submit.py), defined here
+# once: a line's format changes together with its pattern, and tests/test_verify_runs.py matches a real run's log
+# against them. A log is this file's source, LOG_SEPARATOR, the code_sha256 line, the header, then the run's lines.
+LOG_SEPARATOR = "=" * 100
+LOG_PATTERNS = {
+    "code_sha256": re.compile(r"^code_sha256:([0-9a-f]{64})$"),
+    "versions": re.compile(r"^python:(\S+) torch:(\S+)(?: .*)?$"),
+    "cpu": re.compile(r"^cpu: (.*) \((\d+) logical cores?, torch threads (\d+)\)$"),
+    "header": re.compile(r"^([A-Za-z_][A-Za-z0-9_.\-/]*):(?:\s+(.*?))?\s*$"),  # key: value
+    # step, total, train|val, loss, train_time, step_avg, then the optional key:value fields (tok/s, mfu, val_mtp2...)
+    "step": re.compile(r"^step:(\d+)/(\d+) (train|val)_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms"
+                       r"((?: [^\s:]+:\S+)*)$"),
+    "optimizer_state": re.compile(r"^optimizer: (\S+) state ([\d,]+) bytes, ([\d.]+) of AdamW's ([\d,]+)$"),
+    "data_pass": re.compile(r"^data: pass (\d+) begins at step:(\d+)$"),
+    "checkpoint": re.compile(r"^checkpoint step:(\d+) train_time:(\d+)ms saved (.+)$"),
+    "resume": re.compile(r"^resume from (.+) at step:(\d+) train_time:(\d+)ms$"),
+    "reached": re.compile(r"^target val_loss (\S+) reached at step:(\d+) train_time:(\d+)ms$"),
+    "not_reached": re.compile(r"^target val_loss (\S+) not reached: best val_loss (\S+) at step:(\d+)$"),
+}
+
+
 def outcome_line(target, result):
     if result["reached"] is not None:
         return (f"target val_loss {target:.4f} reached at step:{result['reached']} "

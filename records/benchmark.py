@@ -38,7 +38,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -50,12 +49,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-import train_gpt  # noqa: E402  (the recipes' schedules and the torch version)
+import train_gpt  # noqa: E402  (the recipes' schedules, the log format and the torch version)
 
 DEFAULT_DATA = "data/tinyshakespeare_char"
 DATA_HINT = ("make it with: python data/shakespeare.py --source tinyshakespeare "
              "--input ../shared/data/tinyshakespeare.txt --out_dir data/tinyshakespeare_char")
-SEPARATOR = "=" * 100
+LOG = train_gpt.LOG_PATTERNS
 
 # --- suites: names and flags (edit here)
 
@@ -177,34 +176,24 @@ def machine_line():
 
 # --- reading a run's log and metrics
 
-LOG_NUMBERS = {
-    "params": re.compile(r"^params: (\d+)$", re.M),
-    "kv_cache_bytes_per_token": re.compile(r"^kv_cache_bytes_per_token: (\d+)$", re.M),
-    "tokens_per_step": re.compile(r"^tokens_per_step: (\d+)$", re.M),
-}
-STATE_RE = re.compile(r"^optimizer: (\S+) state ([\d,]+) bytes, ([\d.]+) of AdamW's ([\d,]+)$", re.M)
-REACHED_RE = re.compile(r"^target val_loss (\S+) reached at step:(\d+) train_time:(\d+)ms$")
-NOT_REACHED_RE = re.compile(r"^target val_loss (\S+) not reached: best val_loss (\S+) at step:(\d+)$")
-
-
 def parse_run(log_path, metrics_path):
     """What a finished run's log and metrics.jsonl say. Raises ValueError when they are missing or incomplete."""
     if not os.path.exists(log_path) or not os.path.exists(metrics_path):
         raise ValueError(f"no log or metrics.jsonl for {log_path}")
     with open(log_path, encoding="utf-8") as f:
         lines = f.read().splitlines()
-    if SEPARATOR not in lines:
+    if train_gpt.LOG_SEPARATOR not in lines:
         raise ValueError(f"{log_path}: no separator line after the source")
-    body = "\n".join(lines[lines.index(SEPARATOR) + 1:])  # the source above may hold any text
-    out = {}
-    for key, pattern in LOG_NUMBERS.items():
-        match = pattern.search(body)
-        out[key] = int(match.group(1)) if match else None
-    state = STATE_RE.search(body)
+    body = lines[lines.index(train_gpt.LOG_SEPARATOR) + 1:]  # the source above may hold any text
+    header = {}
+    for match in filter(None, map(LOG["header"].match, body)):
+        header.setdefault(match.group(1), match.group(2) or "")
+    out = {key: int(header[key]) if header.get(key, "").isdigit() else None for key in ("params", "tokens_per_step")}
+    state = next(filter(None, map(LOG["optimizer_state"].match, body)), None)
     out["state_bytes"] = int(state.group(2).replace(",", "")) if state else None
     out["state_ratio"] = float(state.group(3)) if state else None
     last = next((line for line in reversed(lines) if line.strip()), "")
-    reached, missed = REACHED_RE.match(last), NOT_REACHED_RE.match(last)
+    reached, missed = LOG["reached"].match(last), LOG["not_reached"].match(last)
     if not (reached or missed):
         raise ValueError(f"{log_path}: the last line is not a target val_loss line")
     out["reached"] = bool(reached)
@@ -355,7 +344,6 @@ def features_suite(bench, args, report):
         for seed in args.seeds:
             run_config(bench, name, flags, seed, args.steps, "classic")
     columns = [("config", "name", ""), ("params", "params", ",.0f"),
-               ("kv cache bytes/token", "kv_cache_bytes_per_token", ",.0f"),
                ("final val loss", "final_val_loss", ".4f"), ("best val loss", "best_val_loss", ".4f"),
                ("tokens/s", "tokens_per_s", ",.0f"), ("train time (s)", "train_time_s", ".1f"),
                ("runs ok", "runs", "")]

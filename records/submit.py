@@ -98,8 +98,8 @@ def check_track(r: dict, name: str, track: dict) -> None:
             raise Refused(f"{path}: validated on {evaluated} tokens, track {name} uses {kind[1]:,} (--val_tokens)")
     if track["cpu_cores"] is not None:
         devices = r["parsed"]["header_all"].get("device", [])
-        cpu = verify._CPU_RE.match(header.get("cpu", ""))
-        if not devices or devices[-1] != "cpu" or cpu is None or int(cpu.group(2)) != track["cpu_cores"]:
+        cpu = verify.log_cpu(r["parsed"])
+        if not devices or devices[-1] != "cpu" or cpu is None or cpu[1] != track["cpu_cores"]:
             raise Refused(f"{path}: track {name} runs on a {track['cpu_cores']}-core CPU with no GPU; this log's "
                           f"device is {devices[-1] if devices else 'unknown'}, its CPU line "
                           f"{header.get('cpu', 'missing')!r}")

@@ -1,5 +1,6 @@
 """records/verify.py on logs of real tiny CPU runs: tampering caught by the step grid, the outcome line and
-metrics.jsonl, and --reproduce re-running a log from its embedded source."""
+metrics.jsonl, and --reproduce re-running a log from its embedded source; the log format the tools share."""
+import glob
 import importlib.util
 import os
 import re
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import ROOT, make_char_data, tiny_args
+from conftest import ROOT, TEXT, make_char_data, tiny_args
 
 VERIFY = Path(ROOT) / "records" / "verify.py"
 RUN_FLAGS = dict(max_iters=20, eval_interval=5, log_interval=2)
@@ -69,6 +70,34 @@ def line_index(lines, prefix):
     matches = [i for i, line in enumerate(lines) if line.startswith(prefix)]
     assert len(matches) == 1, prefix
     return matches[0]
+
+
+def test_a_real_log_matches_the_shared_patterns(tmp_path):
+    """The tools read a log through train_gpt.LOG_PATTERNS: every line a real run writes after its source matches
+    one (but `model saved`, which no tool reads), each line of an event matches its own pattern, and every pattern
+    meets a line, so a line whose format changes without its pattern fails here. The run repeats its short data,
+    writes checkpoints, misses its target, and is resumed from its last checkpoint to reach a new one."""
+    data, logs = str(tmp_path / "data"), str(tmp_path / "logs")
+    make_char_data(data, text=TEXT[:700], val_fraction=0.5)
+    flags = dict(max_iters=8, eval_interval=4, log_interval=2, save_every=2, val_tokens=128, warmdown_iters=2)
+    train_gpt.main(tiny_args(data, logs, run_id="lines", **flags))
+    checkpoint = glob.glob(os.path.join(logs, "lines", "checkpoint_*.pt"))[0]
+    payload = train_gpt.read_checkpoint(checkpoint)
+    payload["finished"] = False  # as if the run had been interrupted, so that it can be resumed
+    train_gpt.atomic_save(payload, checkpoint)
+    train_gpt.main(tiny_args(data, logs, run_id="lines", resume=checkpoint, target_val_loss=100, **flags))
+    lines = Path(logs, "lines.txt").read_text().split("\n")
+    patterns, met = train_gpt.LOG_PATTERNS, set()
+    own = {"step:": {"step"}, "data: ": {"data_pass"}, "checkpoint ": {"checkpoint"}, "resume from ": {"resume"},
+           "target val_loss ": {"reached", "not_reached"}, "code_sha256:": {"code_sha256"}, "python:": {"versions"},
+           "cpu: ": {"cpu"}}
+    for line in filter(None, lines[lines.index(train_gpt.LOG_SEPARATOR) + 1:]):
+        names = {name for name, pattern in patterns.items() if pattern.match(line)}
+        assert names or line.startswith("model saved "), line
+        for start, expected in own.items():
+            assert not line.startswith(start) or names & expected, (line, expected)
+        met |= names
+    assert met == set(patterns)
 
 
 def test_fresh_log_verifies_with_its_metrics(fresh_log):
