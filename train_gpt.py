@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -1717,8 +1718,6 @@ class Trainer:
 # -----------------------------------------------------------------------------
 # Checkpoints and logging
 
-import re  # noqa: E402  (only the log's patterns use it)
-
 # The lines of a run log that tools read back (records/verify.py, benchmark.py, plot.py, submit.py), defined here
 # once: a line's format changes together with its pattern, and tests/test_verify_runs.py matches a real run's log
 # against them. A log is this file's source, LOG_SEPARATOR, the code_sha256 line, the header, then the run's lines.
@@ -1798,7 +1797,7 @@ class RunLog:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             try:  # created exclusively: two runs started with one --run_id never share a log
                 with open(path, "x", encoding="utf-8") as f:
-                    f.write(own_source() + "=" * 100 + "\n")
+                    f.write(own_source() + LOG_SEPARATOR + "\n")
                     f.write(f"code_sha256:{source_sha256()}\n")
             except FileExistsError:
                 raise UsageError(f"{path} was created by another run meanwhile; start again with another "
