@@ -178,11 +178,13 @@ def test_gpt2_124m_dress_rehearsal_on_cpu(tmp_path):
                     str(data), "--workers", "1", "--no_progress", "--shard_size", "10000"], check=True,
                    capture_output=True, timeout=300)
     logs = str(tmp_path / "logs")
+    # the preset's bf16 where this CPU computes it natively; emulated, it made this test take minutes
+    precision = "bf16" if train_gpt.cpu_has_native_bf16() else "fp32"
     result = train_gpt.main([
-        "--preset", "gpt2_124m", "--device", "cpu", "--n_layer", "2", "--batch_size", "2", "--grad_accum_steps", "1",
-        "--block_size", "256", "--max_iters", "5", "--eval_interval", "5", "--log_interval", "1",
-        "--warmdown_iters", "2", "--val_tokens", "512", "--timing_warmup_steps", "1", "--compile", "True",
-        "--precision", "bf16", "--n_kv_head", "4", "--mtp_steps", "2", "--log_dir", logs,
+        "--preset", "gpt2_124m", "--device", "cpu", "--n_layer", "2", "--n_embd", "192", "--batch_size", "2",
+        "--grad_accum_steps", "1", "--block_size", "256", "--max_iters", "5", "--eval_interval", "5",
+        "--log_interval", "1", "--warmdown_iters", "2", "--val_tokens", "512", "--timing_warmup_steps", "1", "--compile", "True",
+        "--precision", precision, "--n_kv_head", "4", "--mtp_steps", "2", "--log_dir", logs,
         "--input_bin", str(data / "train_000001.bin"), "--input_val_bin", str(data / "val_000000.bin")])
     rows = read_metrics(logs)
     assert result["steps"] == 5 and len([r for r in rows if "train_loss" in r]) == 5
