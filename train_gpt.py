@@ -182,6 +182,8 @@ PRESETS = {
         input_bin="data/shakespeare_char/train_*.bin", input_val_bin="data/shakespeare_char/val_*.bin",
         n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, grad_accum_steps=1,
         max_iters=2000, dropout=0.0, eval_interval=100, log_interval=50, target_val_loss=1.90,
+        # all of tinyshakespeare's val split, the first quarter of the complete plays' (README, Presets)
+        val_tokens=131_072,
         recipes={"speedrun": dict(batch_size=48, max_iters=110, compile=True, learning_rate=0.012, muon_lr=0.035,
                                   embed_lr=0.1, head_lr=0.024, eval_interval=10)}),
     # GPT-2 small on FineWeb10B: the NanoGPT speedrun's track 1
@@ -296,7 +298,7 @@ def resolve_config(argv, world_size=1):
     values.update(resolve_spellings(values, spellings))
     cfg = Hyperparameters(**values)
     validate_config(cfg)  # 6, for the flags; derive() checks what it derives
-    cfg = derive(cfg, world_size, batch_given="batch_size" in flags)  # 5
+    cfg = derive(cfg, world_size, given=set(flags))  # 5
     check_run_files(cfg, resumed_run_id=checkpoint.get("run_id"))
     return cfg
 
@@ -377,10 +379,10 @@ def scaled_width(n_embd, n_head, factor):
     return max(unit, int(round(n_embd * factor / unit)) * unit)
 
 
-def derive(cfg, world_size, batch_given=False):
-    """Step 5: the values the other fields decide, each checked where it can be impossible. On a GPU a preset's
-    micro-batch that would not fit in its memory shrinks (and the accumulation grows), unless --batch_size was
-    given."""
+def derive(cfg, world_size, given=()):
+    """Step 5: the values the other fields decide, each checked where it can be impossible. given names the flags
+    on the command line: a schedule too long for max_iters is shortened unless it was given, and on a GPU a preset's
+    micro-batch that would not fit in its memory shrinks (and the accumulation grows) unless --batch_size was."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else
                             "mps" if torch.backends.mps.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -394,23 +396,18 @@ def derive(cfg, world_size, batch_given=False):
         raise UsageError("--embd_scale reinvests the parameters GQA saves: it needs fewer key/value heads than "
                          "query heads (--n_kv_head, --n_headgroup or --gqa_enabled --kv_head_ratio)")
     max_iters = cfg.max_iters
-    warmdown = cfg.warmdown_iters
-    if warmdown is None:
-        warmdown = int(WARMDOWN_FRACTION * max_iters) if cfg.schedule == "wsd" else 0
-    if cfg.warmup_iters < 0 or warmdown < 0 or cfg.warmup_iters + warmdown > max_iters:
-        raise UsageError(f"--warmup_iters {cfg.warmup_iters} + --warmdown_iters {warmdown} must fit in "
-                         f"--max_iters {max_iters}")
+    warmup, warmdown, schedule_note = fit_schedule(cfg, given)
     micro_batch_size, accum_steps_per_rank = split_batch(cfg.batch_size, cfg.grad_accum_steps, world_size)
     run_id = cfg.run_id or f"{datetime.datetime.now():%Y%m%d_%H%M%S}_{uuid.uuid4().hex[:6]}"
     cfg = dataclasses.replace(
         cfg, device=device, compile=device == "cuda" if cfg.compile is None else cfg.compile, n_kv_head=n_kv_head,
-        warmdown_iters=warmdown, lr_decay_iters=cfg.lr_decay_iters or max_iters,
+        warmup_iters=warmup, warmdown_iters=warmdown, lr_decay_iters=cfg.lr_decay_iters or max_iters,
         sn_lr=cfg.sn_lr or SN_LR_MULTIPLIER * cfg.learning_rate, embed_lr=cfg.embed_lr or cfg.learning_rate,
         head_lr=cfg.head_lr or cfg.learning_rate, run_id=run_id, world_size=world_size,
-        micro_batch_size=micro_batch_size, accum_steps_per_rank=accum_steps_per_rank)
+        micro_batch_size=micro_batch_size, accum_steps_per_rank=accum_steps_per_rank, notes=schedule_note)
     if device == "cuda":
         cfg = cuda_fallbacks(cfg)
-    if device == "cuda" and not batch_given:
+    if device == "cuda" and "batch_size" not in given:
         try:
             vocab_size = load_meta(cfg.input_bin)["vocab_size"]
         except UsageError:  # the data is checked later; estimate with GPT-2's vocabulary meanwhile
@@ -419,6 +416,32 @@ def derive(cfg, world_size, batch_given=False):
         cfg = dataclasses.replace(cfg, micro_batch_size=micro, accum_steps_per_rank=accum,
                                   notes=cfg.notes + ((f"batch: {note}",) if note else ()))
     return cfg
+
+
+def fit_schedule(cfg, given):
+    """(warmup_iters, warmdown_iters, notes) for cfg.max_iters. A warmdown left unset is WARMDOWN_FRACTION of the run
+    (wsd) or none (cosine). Lengths that do not fit in the run are shortened, keeping their ratio, to half of what
+    the given ones leave (notes says so); lengths given on the command line are never changed, and are refused
+    when they alone do not fit."""
+    max_iters, warmup = cfg.max_iters, cfg.warmup_iters
+    warmdown = cfg.warmdown_iters
+    if warmdown is None:
+        warmdown = int(WARMDOWN_FRACTION * max_iters) if cfg.schedule == "wsd" else 0
+    if warmup < 0 or warmdown < 0:
+        raise UsageError(f"--warmup_iters {warmup} and --warmdown_iters {warmdown} must be >= 0")
+    if warmup + warmdown <= max_iters:
+        return warmup, warmdown, ()
+    lengths = {"warmup_iters": warmup, "warmdown_iters": warmdown}
+    fixed = sum(n for name, n in lengths.items() if name in given)
+    free = sum(n for name, n in lengths.items() if name not in given)
+    if fixed > max_iters or not free:
+        raise UsageError(f"--warmup_iters {warmup} + --warmdown_iters {warmdown} must fit in --max_iters {max_iters}")
+    half = (max_iters - fixed) / (2 * free)
+    fitted = {name: n if name in given else int(n * half) for name, n in lengths.items()}
+    note = (f"short-run: warmup {warmup} + warmdown {warmdown} steps do not fit in --max_iters {max_iters}, so "
+            f"warmup {fitted['warmup_iters']} + warmdown {fitted['warmdown_iters']} (half of the run; "
+            "--warmup_iters/--warmdown_iters choose)")
+    return fitted["warmup_iters"], fitted["warmdown_iters"], (note,)
 
 
 # bf16 tensor cores and TF32 arrived with compute capability 8.0 (Ampere); Triton, which torch.compile's GPU code
@@ -861,6 +884,11 @@ class GPT(nn.Module):
         self.mtp_heads = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.mtp_steps - 1))
         # The auxiliary loss weight lives in a buffer filled in place, so its ramp never recompiles the model.
         self.register_buffer("mtp_weight", torch.zeros(()), persistent=False)
+        if not self.wte.weight.is_meta:  # a model on the meta device (count_params) has no values to set
+            self.init_weights()
+
+    def init_weights(self):
+        cfg = self.cfg
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: two residual additions per layer
         for name, p in self.named_parameters():
@@ -1513,7 +1541,7 @@ class Trainer:
         bad = ~applied & (torch.ones_like(applied) if not self.scaler.is_enabled() else ~torch.isfinite(loss))
         return loss, grad_norm, bad
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def evaluate(self):
         """Mean next-token val loss (and each MTP offset's loss) over the fixed val tokens, over all ranks."""
         self.eval_model.eval()
@@ -1536,15 +1564,21 @@ class Trainer:
         """Untimed steps (compilation, first kernels), then the run's state is put back as it was."""
         if self.cfg.timing_warmup_steps == 0:
             return
+        started = time.perf_counter()
+        what = "compile and first steps" if self.cfg.compile else "first steps"
+        if self.cfg.compile:
+            self.log(f"warm-up: compiling the model, then {self.cfg.timing_warmup_steps} untimed steps")
         saved = copy_state(self.state_dict())
         for step in range(self.cfg.timing_warmup_steps):
             self.train_step(step)
-        with torch.no_grad():
+        with torch.inference_mode():
             self.eval_model.eval()
             x, y, _ = next(self.val_set.batches(0, 1))
             with self.autocast():
                 self.eval_model(self.to_device(x), self.to_device(y))
         self.load_state_dict(saved)
+        self.synchronize()
+        self.log(f"warm-up: {what} {time.perf_counter() - started:.1f} s, untimed")
 
     # --- the loop
 

@@ -32,7 +32,6 @@ Exit code: 0 when every run succeeded, 1 when any failed (the tables still show 
 """
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
@@ -258,19 +257,11 @@ class Bench:
             self.target_flags = ["--target_val_loss", f"{args.target:g}"] if args.target is not None else []
 
 
-def schedule_flags(recipe, steps):
-    """Warmup and warmdown scaled to half the run when the recipe's own do not fit in `steps`, else none."""
-    settings = {f.name: f.default for f in dataclasses.fields(train_gpt.Hyperparameters)}
-    settings.update(train_gpt.RECIPES[recipe])
-    warmup, warmdown = settings["warmup_iters"], settings["warmdown_iters"]
-    if warmdown is None and settings["schedule"] == "wsd":  # a fraction of max_iters: always fits
-        return []
-    warmdown = warmdown or 0
-    if warmup + warmdown <= steps:
-        return []
-    total = warmup + warmdown
-    half = steps / (2 * total)
-    return ["--warmup_iters", str(int(warmup * half)), "--warmdown_iters", str(int(warmdown * half))]
+def schedule_note(recipe, steps):
+    """How train_gpt.py shortens the recipe's warmup/warmdown to fit `steps` (its short-run note), or None."""
+    cfg = train_gpt.resolve_config(["--preset", "shakespeare_char", "--device", "cpu", "--recipe", recipe,
+                                    "--max_iters", str(steps), "--run_id", "schedule_note"])
+    return next((note for note in cfg.notes if note.startswith("short-run:")), None)
 
 
 def run_config(bench, name, flags, seed, steps, recipe, label=None):
@@ -280,7 +271,7 @@ def run_config(bench, name, flags, seed, steps, recipe, label=None):
             "--input_bin", os.path.join(bench.data, "train_*.bin"),
             "--input_val_bin", os.path.join(bench.data, "val_*.bin"),
             "--run_id", run_id, "--log_dir", bench.log_dir, "--seed", str(seed),
-            *(["--max_iters", str(steps), *schedule_flags(recipe, steps)] if steps else []),  # None: the recipe's
+            *(["--max_iters", str(steps)] if steps else []),  # None: the recipe's
             "--eval_interval", str(bench.eval_interval), *bench.target_flags, *flags, *bench.extra]
     result = dict(name=name, seed=seed, run_id=run_id, recipe=recipe, flags=" ".join(flags), argv=argv)
     log_path, metrics_path = (os.path.join(bench.log_dir, f"{run_id}.txt"),
@@ -635,10 +626,10 @@ def header(args):
              f"data {args.data}, logs {args.log_dir}" + (f", extra `{args.extra}`" if args.extra else "")]
     recipes = ["classic"] if args.suite != "recipes" else ["classic", "speedrun"]
     steps = [args.steps] + ([args.sweep_steps] if args.suite == "optimizers" else [])
-    scaled = [f"{recipe} at {n} steps: {' '.join(schedule_flags(recipe, n))}"
-              for recipe in recipes for n in steps if schedule_flags(recipe, n)]
+    scaled = [f"{recipe} at {n} steps: {schedule_note(recipe, n)}" for recipe in recipes for n in steps
+              if schedule_note(recipe, n)]
     if scaled:
-        lines.append("note: warmup/warmdown scaled to fit short runs: " + "; ".join(scaled))
+        lines.append("note: train_gpt.py shortened the schedule to fit: " + "; ".join(scaled))
     return ["\n".join(lines[:1] + [""] + [f"- {line}" for line in lines[1:]])]
 
 

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -233,3 +234,35 @@ def test_two_process_torchrun_matches_one_process(tmp_path, char_data, recipe, f
     for ra, rb in zip(a, b):
         key = "val_loss" if "val_loss" in ra else "train_loss"
         assert abs(ra[key] - rb[key]) < 1e-5, (ra, rb)
+
+
+# --- short runs: a schedule the user did not give adapts, one the user gave is kept or refused
+
+@pytest.mark.parametrize("flags, warmup, warmdown, note", [
+    (["--recipe", "classic", "--max_iters", "50"], 25, 0, "warmup 100 + warmdown 0 steps do not fit in --max_iters 50, "
+                                                          "so warmup 25 + warmdown 0"),
+    (["--recipe", "classic", "--max_iters", "50", "--schedule", "wsd", "--warmdown_iters", "20"], 15, 20,
+     "so warmup 15 + warmdown 20"),
+    (["--recipe", "classic", "--max_iters", "500"], 100, 0, None),
+    (["--recipe", "speedrun", "--max_iters", "3"], 0, 1, None)])
+def test_a_schedule_not_given_fits_a_short_run_and_says_so(flags, warmup, warmdown, note):
+    cfg = train_gpt.resolve_config(["--device", "cpu", "--run_id", "short", *flags])
+    assert (cfg.warmup_iters, cfg.warmdown_iters) == (warmup, warmdown)
+    notes = [n for n in cfg.notes if n.startswith("short-run: ")]
+    assert (note in notes[0]) if note else not notes
+
+
+def test_a_schedule_given_that_cannot_fit_is_refused():
+    with pytest.raises(train_gpt.UsageError, match=r"--warmup_iters 60 \+ --warmdown_iters 0 must fit in "
+                                                    r"--max_iters 50"):
+        train_gpt.resolve_config(["--device", "cpu", "--recipe", "classic", "--max_iters", "50",
+                                  "--warmup_iters", "60"])
+
+
+def test_the_log_says_how_long_the_warm_up_took(tmp_path, char_data):
+    logs = str(tmp_path / "logs")
+    train_gpt.main(tiny_args(char_data, logs, max_iters=2, warmdown_iters=1, eval_interval=0, recipe="classic",
+                             max_data_passes=0))
+    assert re.search(r"^short-run: warmup 100 \+ warmdown 1 steps do not fit in --max_iters 2, so warmup 0 \+ "
+                     r"warmdown 1 .*$", run_log_text(logs), re.M)
+    assert re.search(r"^warm-up: first steps \d+\.\d s, untimed$", run_log_text(logs), re.M)

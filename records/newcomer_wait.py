@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""How long a newcomer waits: `./run.sh` on the CPU from a fresh clone, wall-clock against the train time it logs.
+
+    python records/newcomer_wait.py [--runs 2] [--keep DIR]
+
+Clones this checkout's HEAD into a temporary folder, then runs `./run.sh` there --runs times with one compile cache
+(TORCHINDUCTOR_CACHE_DIR) that starts empty: the first run is the cold-cache case, the later ones warm. Each output
+line is stamped with the seconds since the command started, so the table says where the wait went: start-up until
+the first line, the warm-up (compilation), validation and training. The first run also prepares the data, as a
+newcomer's would; that time is shown on its own.
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUTCOME = re.compile(r"target val_loss \S+ reached at step:(\d+) train_time:(\d+)ms")
+WARM_UP = re.compile(r"^warm-up: .* ([\d.]+) s, untimed")
+
+
+def stamped_run(command, cwd, env):
+    """Runs command, returning [(seconds since start, line)] of its output and the total seconds."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    lines = [(time.perf_counter() - started, line.rstrip("\n")) for line in proc.stdout]
+    if proc.wait() != 0:
+        sys.exit("error: ./run.sh failed:\n" + "\n".join(line for _, line in lines[-20:]))
+    return lines, time.perf_counter() - started
+
+
+def phases(lines, total):
+    """Seconds spent preparing data, starting (imports and checks, until the log's first line), warming up, in
+    the loop's untimed part (validation and logging: the loop's time less the train time) and after the loop."""
+    first = next(t for t, line in lines if line.startswith("log: "))
+    data = next((t for t, line in lines if line.startswith("meta:")), 0.0)
+    warm_end, warm = next((t, float(m.group(1))) for t, line in lines if (m := WARM_UP.match(line)))
+    outcome_at, outcome = next((t, OUTCOME.search(line)) for t, line in lines if OUTCOME.search(line))
+    train = int(outcome.group(2)) / 1000
+    return dict(wall=total, train=train, step=int(outcome.group(1)), start=first - data, data=data, warm_up=warm,
+                validation=outcome_at - warm_end - train)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=2, help="runs of ./run.sh: the first cold, the rest warm")
+    parser.add_argument("--keep", help="clone into this folder and keep it (default: a temporary one)")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    folder = args.keep or tempfile.mkdtemp(prefix="newcomer_")
+    clone = os.path.join(folder, "clone")
+    if os.path.exists(clone):
+        sys.exit(f"error: {clone} exists; give another --keep folder")
+    subprocess.run(["git", "clone", "-q", ROOT, clone], check=True)
+    cache = os.path.join(folder, "inductor_cache")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONUNBUFFERED="1")
+    rows = []
+    for run in range(args.runs):
+        lines, total = stamped_run(["./run.sh"], clone, env)
+        rows.append(dict(phases(lines, total), cache="cold" if run == 0 else "warm"))
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True).stdout
+    print(f"./run.sh from a fresh clone of {head.strip()}, {os.cpu_count()} cores, one compile cache for all runs")
+    print("| compile cache | wall-clock | train time | wall / train | start-up | data | warm-up | validation and "
+          "logging | target step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['cache']} | {r['wall']:.1f} s | {r['train']:.1f} s | {r['wall'] / r['train']:.2f}x "
+              f"| {r['start']:.1f} s | {r['data']:.1f} s | {r['warm_up']:.1f} s | {r['validation']:.1f} s "
+              f"| {r['step']} |")
+    if not args.keep:
+        shutil.rmtree(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""How many val tokens a stable estimate needs: the val loss of a trained model over disjoint subsets of the val
+split, by subset size.
+
+    python records/val_spread.py [--model logs/RUN/model.pt] [--data data/shakespeare_char]
+
+Without --model it first trains what `./run.sh` trains on the CPU (the shakespeare_char preset, speedrun recipe, to
+its target) into a temporary folder. The val split is cut into the windows validation scores (block_size tokens
+each, in order); for each subset size the windows are split into disjoint runs of consecutive windows, as
+--val_tokens takes the first ones, and the table gives the spread of those runs' mean losses and how far the first
+run (what --val_tokens N scores) lies from the whole split's loss.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train_gpt  # noqa: E402
+
+SIZES = [16_384, 32_768, 65_536, 131_072, 262_144]
+
+
+def train_reference(data, folder):
+    """Trains run.sh's CPU run to its target; returns the saved model's path."""
+    train_gpt.main(["--preset", "shakespeare_char", "--device", "cpu", "--log_dir", folder, "--run_id", "spread",
+                    "--input_bin", os.path.join(data, "train_*.bin"),
+                    "--input_val_bin", os.path.join(data, "val_*.bin")])
+    return os.path.join(folder, "spread", "model.pt")
+
+
+@torch.no_grad()
+def window_losses(model_path, data, batch=256):
+    """The mean next-token loss of every block_size window of the val split, in order."""
+    payload = torch.load(model_path, map_location="cpu", weights_only=True)
+    model = train_gpt.GPT(train_gpt.GPTConfig(**payload["model_config"]))
+    model.load_state_dict(payload["model"])
+    model.eval()
+    T = model.cfg.block_size
+    tokens = torch.from_numpy(train_gpt.read_shard(train_gpt.find_shards(os.path.join(data, "val_*.bin"),
+                                                                          "validation")[0]).astype("int64"))
+    n = (len(tokens) - train_gpt.MAX_MTP_STEPS) // T
+    losses = []
+    for start in range(0, n, batch):
+        rows = min(batch, n - start)
+        x = tokens[start * T:(start + rows) * T].view(rows, T)
+        y = tokens[start * T + 1:(start + rows) * T + 1].view(rows, T)
+        logits = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        losses += loss.view(rows, T).mean(dim=1).tolist()
+    return losses, T
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a model.pt (default: train run.sh's CPU run first)")
+    parser.add_argument("--data", default=os.path.join(ROOT, "data", "shakespeare_char"), help="the shards' folder")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        model = args.model or train_reference(args.data, folder)
+        losses, T = window_losses(model, args.data)
+    whole = statistics.fmean(losses)
+    print(f"val split of {args.data}: {len(losses)} windows of {T} tokens ({len(losses) * T:,} tokens), "
+          f"loss {whole:.4f}")
+    print("| val tokens | disjoint subsets | std of their losses | largest deviation | first subset - whole |")
+    print("|---:|---:|---:|---:|---:|")
+    for size in SIZES:
+        k = size // T
+        means = [statistics.fmean(losses[i:i + k]) for i in range(0, len(losses) - k + 1, k)]
+        if len(means) < 2:
+            continue
+        print(f"| {size:,} | {len(means)} | {statistics.stdev(means):.4f} | "
+              f"{max(abs(m - whole) for m in means):.4f} | {means[0] - whole:+.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
