@@ -15,7 +15,13 @@ run() { dry_run "$@" || "$@"; }  # runs a command, or prints it under RUN_SH_DRY
 launch() { dry_run "$@" && exit 0; exec "$@"; }  # execs a command, or prints it under RUN_SH_DRY_RUN=1
 CHECK=no
 for arg in "$@"; do [ "$arg" = --check ] && CHECK=yes; done
-NGPU=${RUN_SH_GPUS:-$(python -c "import torch; print(torch.cuda.device_count())")}
+if [ -n "${RUN_SH_GPUS:-}" ]; then
+    NGPU=$RUN_SH_GPUS
+elif command -v nvidia-smi >/dev/null 2>&1 || command -v rocm-smi >/dev/null 2>&1; then
+    NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
+else  # no GPU driver: no need to spend seconds importing torch to count none
+    NGPU=0
+fi
 if ! [[ "$NGPU" =~ ^[0-9]+$ ]]; then
     echo "error: RUN_SH_GPUS=$NGPU is not a GPU count: unset it, or set a whole number" >&2
     exit 2
