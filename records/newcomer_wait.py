@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """How long a newcomer waits: `./run.sh` on the CPU from a fresh clone, wall-clock against the train time it logs.
 
-    python records/newcomer_wait.py [--runs 2] [--keep DIR]
+    python records/newcomer_wait.py [--runs 2] [--commit REV] [--keep DIR]
 
-Clones this checkout's HEAD into a temporary folder, then runs `./run.sh` there --runs times with one compile cache
+Clones this checkout's HEAD (or --commit) into a temporary folder, then runs `./run.sh` there --runs times with one compile cache
 (TORCHINDUCTOR_CACHE_DIR) that starts empty: the first run is the cold-cache case, the later ones warm. Each output
 line is stamped with the seconds since the command started, so the table says where the wait went: start-up until
 the first line, the warm-up (compilation), validation and training. The first run also prepares the data, as a
@@ -39,9 +39,11 @@ def phases(lines, total):
     the loop's untimed part (validation and logging: the loop's time less the train time) and after the loop."""
     first = next(t for t, line in lines if line.startswith("log: "))
     data = next((t for t, line in lines if line.startswith("meta:")), 0.0)
-    warm_end, warm = next((t, float(m.group(1))) for t, line in lines if (m := WARM_UP.match(line)))
     outcome_at, outcome = next((t, OUTCOME.search(line)) for t, line in lines if OUTCOME.search(line))
     train = int(outcome.group(2)) / 1000
+    # commits before the warm-up line was logged: the warm-up and the loop's untimed part are one figure
+    warm_end, warm = next(((t, float(m.group(1))) for t, line in lines if (m := WARM_UP.match(line))),
+                          (first, float("nan")))
     return dict(wall=total, train=train, step=int(outcome.group(1)), start=first - data, data=data, warm_up=warm,
                 validation=outcome_at - warm_end - train)
 
@@ -49,6 +51,7 @@ def phases(lines, total):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=2, help="runs of ./run.sh: the first cold, the rest warm")
+    parser.add_argument("--commit", default="HEAD", help="the revision to clone (default HEAD)")
     parser.add_argument("--keep", help="clone into this folder and keep it (default: a temporary one)")
     args = parser.parse_args(argv)
     if args.runs < 1:
@@ -58,6 +61,7 @@ def main(argv=None):
     if os.path.exists(clone):
         sys.exit(f"error: {clone} exists; give another --keep folder")
     subprocess.run(["git", "clone", "-q", ROOT, clone], check=True)
+    subprocess.run(["git", "checkout", "-q", args.commit], cwd=clone, check=True)
     cache = os.path.join(folder, "inductor_cache")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONUNBUFFERED="1")
     rows = []
