@@ -10,6 +10,11 @@
 # of running it, e.g. `RUN_SH_GPUS=6 RUN_SH_DRY_RUN=1 ./run.sh --max_iters 500`.
 set -euo pipefail
 cd "$(dirname "$0")"
+case "${RUN_SH_DRY_RUN:-0}" in
+    0|1) ;;
+    *) echo "error: RUN_SH_DRY_RUN=$RUN_SH_DRY_RUN: set 1 to print the commands instead of running them, or 0" >&2
+       exit 2 ;;
+esac
 dry_run() { [ "${RUN_SH_DRY_RUN:-0}" = 1 ] && { line=$(printf '%q ' "$@"); echo "${line% }"; }; }
 run() { dry_run "$@" || "$@"; }  # runs a command, or prints it under RUN_SH_DRY_RUN=1
 launch() { dry_run "$@" && exit 0; exec "$@"; }  # execs a command, or prints it under RUN_SH_DRY_RUN=1
@@ -22,7 +27,7 @@ elif command -v nvidia-smi >/dev/null 2>&1 || command -v rocm-smi >/dev/null 2>&
 else  # no GPU driver: no need to spend seconds importing torch to count none
     NGPU=0
 fi
-if ! [[ "$NGPU" =~ ^[0-9]+$ ]]; then
+if ! [[ "$NGPU" =~ ^[0-9]{1,6}$ ]]; then
     echo "error: RUN_SH_GPUS=$NGPU is not a GPU count: unset it, or set a whole number" >&2
     exit 2
 fi

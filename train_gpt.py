@@ -296,11 +296,21 @@ def resolve_config(argv, world_size=1):
     for layer in (RECIPES[recipe], preset_values, recipe_on_preset, checkpoint, flags):  # 2, 3, 4
         values.update(layer)
     values.update(resolve_spellings(values, spellings))
+    changed = [k for k in checkpoint if k not in RESUME_MAY_CHANGE and values[k] != checkpoint[k]]
+    if changed:  # the resumed log must describe the run it continues, or it would not verify
+        k = changed[0]
+        raise UsageError(f"--resume continues a run as it was set up, but --{k} {values[k]} differs from the "
+                         f"checkpoint's {checkpoint[k]}; drop it, or start a new run to change it")
     cfg = Hyperparameters(**values)
     validate_config(cfg)  # 6, for the flags; derive() checks what it derives
     cfg = derive(cfg, world_size, given=set(flags))  # 5
     check_run_files(cfg, resumed_run_id=checkpoint.get("run_id"))
     return cfg
+
+
+# What a resumed run may set anew: where it logs and checkpoints, and how it reports; nothing that shapes training.
+RESUME_MAY_CHANGE = {"resume", "run_id", "log_dir", "save_every", "dist_timeout", "max_bad_steps", "wandb",
+                     "wandb_project", "wandb_run_name"}
 
 
 def read_checkpoint(path, mmap=False):
@@ -330,14 +340,31 @@ def find_checkpoint(resume, log_dir, run_id):
     return max(found, key=lambda p: (os.path.getmtime(p), p))
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a name: never a path, never hidden, never an option
+
+
 def check_run_files(cfg, resumed_run_id=None):
-    """A run writes only into its own log, metrics and checkpoints: a new run (or a resumed one under a new
-    --run_id) refuses a run_id whose files exist."""
+    """A run writes only into its own log, metrics and checkpoints: its run_id is a plain name, the log folder
+    can be written, and a new run (or a resumed one under a new --run_id) refuses a run_id whose files exist."""
+    if not RUN_ID.fullmatch(cfg.run_id):
+        raise UsageError(f"--run_id {cfg.run_id!r} is not a plain name: use letters, digits, '.', '_' and '-' "
+                         "(starting with a letter or digit); the log goes to --log_dir")
+    existing_dir = next(d for d in (os.path.abspath(cfg.log_dir), *iter_parents(cfg.log_dir)) if os.path.exists(d))
+    if not os.access(existing_dir, os.W_OK):
+        raise UsageError(f"--log_dir {cfg.log_dir}: {existing_dir} cannot be written; give a folder you can write")
     log_path, run_dir = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt"), os.path.join(cfg.log_dir, cfg.run_id)
     existing = [p for p in (log_path, run_dir) if os.path.exists(p)]
     if existing and cfg.run_id != resumed_run_id:
         raise UsageError(f"--run_id {cfg.run_id}: {existing[0]} belongs to another run; choose another --run_id "
                          f"(or none), or continue that run with --resume auto --run_id {cfg.run_id}")
+
+
+def iter_parents(path):
+    """The folders above path, nearest first."""
+    path = os.path.abspath(path)
+    while os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+        yield path
 
 
 def divisors(n):
@@ -571,9 +598,10 @@ def read_shard(path):
     if n_tokens < 0:
         raise UsageError(f"{path}: the header's token count is negative ({n_tokens}): the header is corrupt; "
                          "re-create or re-download the shard")
-    if size < HEADER_BYTES + 2 * n_tokens:
-        raise UsageError(f"{path}: header claims {n_tokens} tokens but the file holds {(size - HEADER_BYTES) // 2}; "
-                         "the shard is truncated, re-create or re-download it")
+    if size != HEADER_BYTES + 2 * n_tokens:
+        state = "truncated" if size < HEADER_BYTES + 2 * n_tokens else "longer than its header says"
+        raise UsageError(f"{path}: header claims {n_tokens} tokens but the file holds {(size - HEADER_BYTES) / 2:g}; "
+                         f"the shard is {state}, re-create or re-download it")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
 
@@ -627,6 +655,18 @@ def load_meta(pattern):
     else:
         meta["vocab_size"] = GPT2_VOCAB_SIZE
     return meta
+
+
+def check_same_tokenizer(train_pattern, val_pattern, meta):
+    """A val split in another folder, with a meta.json of its own, must have been made with the same tokenizer."""
+    train_meta = os.path.join(os.path.dirname(train_pattern) or ".", "meta.json")
+    val_meta = os.path.join(os.path.dirname(val_pattern) or ".", "meta.json")
+    if os.path.abspath(val_meta) == os.path.abspath(train_meta) or not os.path.exists(val_meta):
+        return
+    other = load_meta(val_pattern)
+    if (other["tokenizer"], other.get("chars")) != (meta["tokenizer"], meta.get("chars")):
+        raise UsageError(f"{val_meta} describes another tokenizer than {train_meta}: the val split would be scored "
+                         "in the wrong vocabulary; make both splits with one run of the data/ script")
 
 
 GPT2_VOCAB_SIZE = 50257
@@ -1422,6 +1462,7 @@ class Trainer:
         train_files = find_shards(cfg.input_bin, "training")
         find_shards(cfg.input_val_bin, "validation")
         self.meta = load_meta(cfg.input_bin)
+        check_same_tokenizer(cfg.input_bin, cfg.input_val_bin, self.meta)
         self.train_tokens = check_shards(train_files, self.meta["vocab_size"], 1)
         self.data_passes = cfg.max_iters * cfg.tokens_per_step / self.train_tokens
         if cfg.max_data_passes and self.data_passes > cfg.max_data_passes:
@@ -2077,8 +2118,10 @@ def main(argv=None):
         result = trainer.run()
     except KeyboardInterrupt:
         if rank == 0:
-            print(f"interrupted at step:{trainer.step}; resume with --resume auto --run_id {cfg.run_id}",
-                  file=sys.stderr)
+            resume = (f"resume with --resume auto --run_id {cfg.run_id}" if glob.glob(
+                os.path.join(trainer.checkpoint_dir(), "checkpoint_*.pt")) else
+                "no checkpoint was written (they need --save_every N), so start again")
+            print(f"interrupted at step:{trainer.step}; {resume}", file=sys.stderr)
         raise
     finally:
         if trainer.wandb_run is not None:
@@ -2104,7 +2147,7 @@ def run_cli(entry):
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2 if isinstance(e, UsageError) else 3)
-    except KeyboardInterrupt:  # main() printed where to resume from; the last checkpoint stays as it was
+    except KeyboardInterrupt:  # main() printed whether and how to resume; the last checkpoint stays as it was
         sys.exit(130)
 
 

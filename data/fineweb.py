@@ -66,9 +66,11 @@ def documents(paths, field):
             with open(path, "rb") as f:
                 raw = f.read()
             try:
-                yield raw.decode("utf-8"), len(raw)
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if text.strip():  # an empty file is no document, as a blank .jsonl line is none
+                yield text, len(raw)
             continue
         skipped = 0  # bytes of blank lines, counted with the next document for the progress bar
         with open(path, "rb") as f:

@@ -284,6 +284,21 @@ def test_tokenize_bad_inputs(tmp_path):
         tokenize_script.main(["--input", str(field), "--out_dir", str(tmp_path / "out")])
 
 
+def test_an_empty_text_file_is_no_document(tmp_path):
+    (tmp_path / "empty.txt").write_text(" \n")
+    assert list(tokenize_script.documents([str(tmp_path / "empty.txt")], "text")) == []
+
+
+def test_a_val_split_made_with_another_alphabet_is_refused(tmp_path):
+    from conftest import make_char_data, tiny_args
+    make_char_data(str(tmp_path / "a"))
+    make_char_data(str(tmp_path / "b"), text="zyxwvu " * 400)
+    with pytest.raises(train_gpt.UsageError, match=r"b/meta\.json describes another tokenizer than .*a/meta\.json"):
+        train_gpt.main(tiny_args(str(tmp_path / "a"), str(tmp_path / "logs"),
+                                 input_val_bin=str(tmp_path / "b" / "val_*.bin")))
+    assert not (tmp_path / "logs").exists()
+
+
 def test_shard_writer_cuts_the_stream(tmp_path):
     writer = tokenize_script.ShardWriter(str(tmp_path), 4)
     for doc in ([50256, 1, 2], [50256, 3, 4, 5, 6, 7], [50256]):

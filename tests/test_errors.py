@@ -146,3 +146,56 @@ def test_ctrl_c_names_the_step_and_how_to_resume(tmp_path, char_data):
     assert last.startswith("interrupted at step:") and last.endswith("resume with --resume auto --run_id int"), err
     assert "Traceback" not in err
     assert glob.glob(os.path.join(logs, "int", "checkpoint_*.pt"))
+
+
+def test_ctrl_c_without_checkpoints_says_there_is_nothing_to_resume(tmp_path, char_data):
+    logs = str(tmp_path / "logs")
+    args = tiny_args(char_data, logs, run_id="int", max_iters=100000, eval_interval=0, log_interval=1)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    log, deadline = os.path.join(logs, "int.txt"), time.time() + 120
+    while not (os.path.exists(log) and "step:2/" in open(log).read()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].endswith(
+        "no checkpoint was written (they need --save_every N), so start again"), err
+
+
+# --- nothing escapes its folder, nothing changes a run silently
+
+@pytest.mark.parametrize("run_id", ["../escape", "base1/intruder", ".hidden", "-x", "a b"])
+def test_a_run_id_is_a_name_never_a_path(tmp_path, char_data, run_id):
+    logs = tmp_path / "logs"
+    result = cli(tiny_args(char_data, str(logs), run_id=run_id, max_iters=2, warmdown_iters=1))
+    assert_one_line(result, 2, "is not a plain name: use letters, digits")
+    assert not logs.exists() and not (tmp_path / "escape.txt").exists() and not (tmp_path / "escape").exists()
+
+
+def test_a_log_dir_that_cannot_be_written_is_refused(tmp_path, char_data, monkeypatch):
+    monkeypatch.setattr(train_gpt.os, "access", lambda path, mode: False)  # as for a user without the right
+    with pytest.raises(train_gpt.UsageError, match=r"--log_dir .*: .* cannot be written; give a folder you can"):
+        train_gpt.resolve_config(tiny_args(char_data, str(tmp_path / "logs")))
+
+
+def test_a_shard_longer_than_its_header_says_is_refused(tmp_path, char_data):
+    with open(os.path.join(char_data, "train_000000.bin"), "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(train_gpt.UsageError, match=r"header claims 8856 tokens but the file holds 8856.5; the "
+                                                   r"shard is longer than its header says"):
+        train_gpt.main(tiny_args(char_data, str(tmp_path / "logs")))
+
+
+@pytest.mark.parametrize("flag, value", [("muon_lr", "0.001"), ("max_iters", "40"), ("mtp_steps", "2")])
+def test_a_resume_that_would_change_the_run_is_refused(finished_run, tmp_path, flag, value):
+    data, logs, run_id = finished_run
+    payload = train_gpt.read_checkpoint(glob.glob(os.path.join(logs, run_id, "checkpoint_*.pt"))[0])
+    payload["finished"] = False  # a copy, as if the run had been interrupted
+    ckpt = str(tmp_path / "checkpoint.pt")
+    train_gpt.atomic_save(payload, ckpt)
+    with pytest.raises(train_gpt.UsageError, match=f"--resume continues a run as it was set up, but --{flag} "
+                                                   f"{value} differs from the checkpoint's"):
+        train_gpt.resolve_config(["--resume", ckpt, "--log_dir", logs, f"--{flag}", value])
+    cfg = train_gpt.resolve_config(["--resume", ckpt, "--log_dir", logs, "--save_every", "5"])  # reporting may change
+    assert cfg.save_every == 5 and cfg.resume == ckpt

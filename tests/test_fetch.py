@@ -75,3 +75,17 @@ def test_bad_gpu_override():
     result = dry_run("two")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "error: RUN_SH_GPUS=two is not a GPU count: unset it, or set a whole number\n"
+
+
+def test_a_dry_run_setting_that_is_not_0_or_1_is_refused_before_anything_runs():
+    env = {**os.environ, "RUN_SH_DRY_RUN": "yes", "RUN_SH_GPUS": "2"}
+    result = subprocess.run(["bash", os.path.join(ROOT, "run.sh")], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("error: RUN_SH_DRY_RUN=yes: set 1 to print the commands instead of running them, "
+                             "or 0\n")
+
+
+def test_a_gpu_count_too_large_for_bash_is_refused():
+    result = dry_run("99999999999999999999")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "is not a GPU count" in result.stderr

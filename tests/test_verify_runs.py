@@ -76,7 +76,8 @@ def test_a_real_log_matches_the_shared_patterns(tmp_path):
     """The tools read a log through train_gpt.LOG_PATTERNS: every line a real run writes after its source matches
     one (but `model saved`, which no tool reads), each line of an event matches its own pattern, and every pattern
     meets a line, so a line whose format changes without its pattern fails here. The run repeats its short data,
-    writes checkpoints, misses its target, and is resumed from its last checkpoint to reach a new one."""
+    writes checkpoints, misses its target, and is resumed from its last checkpoint; a second run reaches its
+    target."""
     data, logs = str(tmp_path / "data"), str(tmp_path / "logs")
     make_char_data(data, text=TEXT[:700], val_fraction=0.5)
     flags = dict(max_iters=8, eval_interval=4, log_interval=2, save_every=2, val_tokens=128, warmdown_iters=2)
@@ -85,13 +86,17 @@ def test_a_real_log_matches_the_shared_patterns(tmp_path):
     payload = train_gpt.read_checkpoint(checkpoint)
     payload["finished"] = False  # as if the run had been interrupted, so that it can be resumed
     train_gpt.atomic_save(payload, checkpoint)
-    train_gpt.main(tiny_args(data, logs, run_id="lines", resume=checkpoint, target_val_loss=100, **flags))
-    lines = Path(logs, "lines.txt").read_text().split("\n")
+    train_gpt.main(tiny_args(data, logs, run_id="lines", resume=checkpoint, **flags))
+    train_gpt.main(tiny_args(data, logs, run_id="reached", target_val_loss=100, **flags))
+    lines = []
+    for run in ("lines", "reached"):
+        text = Path(logs, f"{run}.txt").read_text().split("\n")
+        lines += text[text.index(train_gpt.LOG_SEPARATOR) + 1:]
     patterns, met = train_gpt.LOG_PATTERNS, set()
     own = {"step:": {"step"}, "data: ": {"data_pass"}, "checkpoint ": {"checkpoint"}, "resume from ": {"resume"},
            "target val_loss ": {"reached", "not_reached"}, "code_sha256:": {"code_sha256"}, "python:": {"versions"},
            "cpu: ": {"cpu"}}
-    for line in filter(None, lines[lines.index(train_gpt.LOG_SEPARATOR) + 1:]):
+    for line in filter(None, lines):
         names = {name for name, pattern in patterns.items() if pattern.match(line)}
         assert names or line.startswith("model saved "), line
         for start, expected in own.items():
