@@ -1857,9 +1857,15 @@ def start_wandb(cfg, log):
 
 
 def atomic_save(obj, path):
+    """torch.save to path whole or not at all: a failed write (a full disk) leaves no partial file behind."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 class RunLog:
@@ -2149,6 +2155,11 @@ def run_cli(entry):
         sys.exit(2 if isinstance(e, UsageError) else 3)
     except KeyboardInterrupt:  # main() printed whether and how to resume; the last checkpoint stays as it was
         sys.exit(130)
+    except OSError as e:  # a full disk, a folder taken away: the files written so far are whole
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: could not write {e.filename or 'a file'}: {e.strerror or e} (a full disk, or a folder "
+                  "that cannot be written?); every checkpoint and log written before is whole", file=sys.stderr)
+        sys.exit(3)
 
 
 # -----------------------------------------------------------------------------

@@ -199,3 +199,18 @@ def test_a_resume_that_would_change_the_run_is_refused(finished_run, tmp_path, f
         train_gpt.resolve_config(["--resume", ckpt, "--log_dir", logs, f"--{flag}", value])
     cfg = train_gpt.resolve_config(["--resume", ckpt, "--log_dir", logs, "--save_every", "5"])  # reporting may change
     assert cfg.save_every == 5 and cfg.resume == ckpt
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, char_data, monkeypatch, capsys):
+    def full_disk(obj, path):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(train_gpt.torch, "save", full_disk)
+    logs = tmp_path / "logs"
+    with pytest.raises(SystemExit) as exit_:
+        train_gpt.run_cli(lambda: train_gpt.main(tiny_args(char_data, str(logs), run_id="full", save_every=2,
+                                                           max_iters=4, warmdown_iters=1)))
+    assert exit_.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: could not write ") and "No space left on device" in err[0]
+    assert not [p for p in logs.rglob("*") if ".tmp" in p.name]
