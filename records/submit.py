@@ -221,6 +221,9 @@ def submit(args) -> str:
         r = verify.verify_log(p, target=spec["target"])
         if not r["ok"]:
             raise Refused(f"{p}: fails verification: {r['reason']}")
+        if not r["metrics"]:
+            raise Refused(f"{p}: no <run_id>/metrics.jsonl beside it, so its printed numbers cannot be checked; "
+                          "submit the log from the folder its run wrote it to")
         check_track(r, args.track, spec)
         results.append(r)
     summary = verify.summarize(results, target=spec["target"])

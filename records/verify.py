@@ -125,7 +125,7 @@ def parse_step_line(line: str) -> dict:
         raise ValueError(f"step {step} exceeds total {total}")
     _parse_float(step_avg)
     return {"kind": kind, "step": int(step), "total": int(total), "loss": _parse_float(loss), "loss_str": loss,
-            "train_time_ms": int(train_time), "train_time_str": train_time, "extra": extra}
+            "train_time_ms": int(train_time), "train_time_str": train_time, "step_avg_str": step_avg, "extra": extra}
 
 
 def parse_log(text: str) -> dict:
@@ -264,6 +264,20 @@ def _check_order(parsed: dict) -> str | None:
             if ev["step"] < last_step[0]:
                 return f"line {lineno}: step {ev['step']} goes back (was {last_step[0]} at line {last_step[1]})"
             last_step = (ev["step"], lineno)
+    return None
+
+
+def _check_step_avg(eff: list[dict]) -> str | None:
+    """Each line's step_avg is its train_time over its step, to the printed digits: an edited train_time (or
+    step_avg) shows even in a log without its metrics.jsonl."""
+    for e in eff:
+        if e["step"] == 0:
+            continue
+        # train_time is printed to the millisecond, step_avg to 0.01 ms
+        slack = 0.5 / e["step"] + 0.005 + 1e-9
+        if abs(_parse_float(e["step_avg_str"]) - e["train_time_ms"] / e["step"]) > slack:
+            return (f"line {e['lineno']}: step_avg {e['step_avg_str']}ms is not train_time {e['train_time_ms']}ms "
+                    f"over step {e['step']}")
     return None
 
 
@@ -467,7 +481,7 @@ def verify_log(path, target: float | None = None, metrics_dir=None, text: str | 
     header_target = result["header_target"]
     result["reason"] = (_check_source(parsed) or _check_order(parsed)
                         or _check_final_and_header(parsed, grid, vals)
-                        or _check_grid(parsed, eff, grid, header_target)
+                        or _check_grid(parsed, eff, grid, header_target) or _check_step_avg(eff)
                         or (metrics and _check_metrics(eff, *metrics, header_target))
                         or _check_outcome(parsed, vals, grid, header_target))
     result["ok"] = result["reason"] is None
@@ -811,7 +825,8 @@ def _verdict(r: dict) -> str:
         kind = "ran max_iters" if r["budget"] == "fixed" else "stopped at the target"
         return (f"OK   {r['path']}: val_loss {r['final_val_loss']:.4f} at step:{r['step']} ({kind}) "
                 f"time {_fmt_time(r['train_time_ms'])}" + (f" resumes {r['n_resumes']}" if r["n_resumes"] else "")
-                + (" [metrics.jsonl checked]" if r["metrics"] else ""))
+                + (" [metrics.jsonl checked]" if r["metrics"] else
+                   " [no metrics.jsonl: the printed numbers are checked only against each other]"))
     last = "" if r["final_val_loss"] is None else \
         f" [last val_loss {r['final_val_loss']:.4f}, time {_fmt_time(r['train_time_ms'])}]"
     return f"FAIL {r['path']}: {r['reason']}{last}"

@@ -220,3 +220,16 @@ def test_reproduce_elsewhere_allows_the_tolerance(fresh_log, tmp_path):
     out = [line for line in r.stdout.splitlines() if line.startswith(("REPRODUCED", "MISMATCH"))]
     assert len(out) == 2 and out[0].startswith("REPRODUCED") and out[1].startswith("MISMATCH"), r.stdout
     assert all("within min(0.001 + 0.00015 x step, 0.05); the log's CPU is 'Another CPU'" in line for line in out)
+
+
+def test_a_lowered_train_time_is_refused_without_metrics(fresh_log, tmp_path):
+    """Every train_time halved, the outcome line's too, so that they still agree: step_avg gives it away."""
+    lines = fresh_log.read_text().split("\n")
+    separator = lines.index(train_gpt.LOG_SEPARATOR)
+    halve = lambda m: f"train_time:{int(m.group(1)) // 2}ms"  # noqa: E731
+    lines[separator:] = [re.sub(r"train_time:(\d+)ms", halve, line) for line in lines[separator:]]
+    first = next(i for i, line in enumerate(lines) if re.match(r"step:[1-9]\d*/", line))
+    r = verify.verify_log(copy_run(fresh_log, tmp_path / "copy", "\n".join(lines), metrics=False))
+    assert not r["ok"] and r["reason"].startswith(f"line {first + 1}: step_avg "), r["reason"]
+    out = run_verify("--no-stats", copy_run(fresh_log, tmp_path / "plain", metrics=False)).stdout
+    assert "[no metrics.jsonl: the printed numbers are checked only against each other]" in out
