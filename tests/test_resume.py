@@ -107,8 +107,12 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, char_data):
     payload = train_gpt.read_checkpoint(ckpt)
     payload["finished"] = False  # as if the run had been interrupted (a finished run is refused before this)
     train_gpt.atomic_save(payload, ckpt)
-    with pytest.raises(train_gpt.UsageError, match=r"different model: n_embd \(48 here, 32 in the checkpoint\)"):
+    with pytest.raises(train_gpt.UsageError, match=r"--n_embd 48 differs from the checkpoint's 32"):
         train_gpt.main(["--resume", ckpt, "--n_embd", "48", "--run_id", "b", "--log_dir", logs])
+    payload["model_config"]["n_embd"] = 40  # weights of another model under this run's configuration
+    train_gpt.atomic_save(payload, ckpt)
+    with pytest.raises(train_gpt.UsageError, match=r"different model: n_embd \(32 here, 40 in the checkpoint\)"):
+        train_gpt.main(["--resume", ckpt, "--run_id", "b", "--log_dir", logs])
     # refused before any file of the new run id is written
     assert not os.path.exists(os.path.join(logs, "b.txt")) and not os.path.exists(os.path.join(logs, "b"))
     open(ckpt + ".bad", "wb").write(b"not a checkpoint")
