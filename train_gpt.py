@@ -18,6 +18,8 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
+import errno
+import functools
 import glob
 import hashlib
 import importlib.metadata
@@ -33,6 +35,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -349,7 +352,8 @@ def check_run_files(cfg, resumed_run_id=None):
     if not RUN_ID.fullmatch(cfg.run_id):
         raise UsageError(f"--run_id {cfg.run_id!r} is not a plain name: use letters, digits, '.', '_' and '-' "
                          "(starting with a letter or digit); the log goes to --log_dir")
-    existing_dir = next(d for d in (os.path.abspath(cfg.log_dir), *iter_parents(cfg.log_dir)) if os.path.exists(d))
+    log_dir = Path(cfg.log_dir).absolute()
+    existing_dir = next(d for d in (log_dir, *log_dir.parents) if d.exists())
     if not os.access(existing_dir, os.W_OK):
         raise UsageError(f"--log_dir {cfg.log_dir}: {existing_dir} cannot be written; give a folder you can write")
     log_path, run_dir = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt"), os.path.join(cfg.log_dir, cfg.run_id)
@@ -357,14 +361,6 @@ def check_run_files(cfg, resumed_run_id=None):
     if existing and cfg.run_id != resumed_run_id:
         raise UsageError(f"--run_id {cfg.run_id}: {existing[0]} belongs to another run; choose another --run_id "
                          f"(or none), or continue that run with --resume auto --run_id {cfg.run_id}")
-
-
-def iter_parents(path):
-    """The folders above path, nearest first."""
-    path = os.path.abspath(path)
-    while os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-        yield path
 
 
 def divisors(n):
@@ -791,10 +787,11 @@ class ValidationSet:
 # The model's configuration: the model flags of Hyperparameters (model_flag), each under its own name, and the
 # vocabulary the data brings. A new model flag reaches the model, and its checkpoints, with no copy to keep.
 MODEL_FIELDS = [f for f in dataclasses.fields(Hyperparameters) if f.metadata.get("model")]
-GPTConfig = dataclasses.make_dataclass(
+GPTConfig = dataclasses.make_dataclass(  # frozen: count_params() remembers each config's count
     "GPTConfig", [(f.name, f.type, field(default=f.default)) for f in MODEL_FIELDS] + [
         ("vocab_size", int, field(default=50304)),  # padded: ids >= real_vocab_size never occur
-        ("real_vocab_size", int, field(default=0))])  # ids from here on are padding, their logits cut off (0: none)
+        ("real_vocab_size", int, field(default=0))],  # ids from here on are padding, their logits cut off (0: none)
+    frozen=True)
 
 
 def padded_vocab(vocab_size, multiple=64):
@@ -1003,6 +1000,7 @@ def gpt_config(cfg, vocab_size):
 # -----------------------------------------------------------------------------
 # Sizing: parameters, memory and FLOPs of a configuration (the micro-batch fit, --check, MFU)
 
+@functools.lru_cache(maxsize=16)
 def count_params(gcfg):
     """Parameter count of a model config, built on the meta device (no memory, no time)."""
     with torch.device("meta"):
@@ -1910,22 +1908,23 @@ def hardware_description(device):
     return f"cpu: {cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
 
 
-def cpu_model():
+def cpuinfo(key):
+    """The value of the first `key` line of /proc/cpuinfo, or None (not Linux, or no such line)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), None)
+    except OSError:
+        return None
+
+
+def cpu_model():
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_has_native_bf16():
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated, and on a
     2-core AMD EPYC without AVX-512 it made a step 20x slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    flags = (cpuinfo("flags") or "").split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -1942,24 +1941,29 @@ def versions():
 # -----------------------------------------------------------------------------
 # Main
 
+def load_model(path, what):
+    """(the model in eval mode, the payload) of a model.pt written at the end of a run; one clear error, naming
+    `what` asked for it, for anything else."""
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path}: no such file; pass a logs/<run_id>/model.pt")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        gcfg = GPTConfig(**payload["model_config"])
+    except Exception as e:  # any unreadable checkpoint is reported the same way
+        raise UsageError(f"{what} {path}: not a model saved by train_gpt.py ({type(e).__name__})") from None
+    if "meta" not in payload:
+        raise UsageError(f"{what} {path}: a training checkpoint, not a model; use logs/<run_id>/model.pt (written at "
+                         "the end of a run), or --resume the checkpoint")
+    model = GPT(gcfg)
+    model.load_state_dict(payload["model"])
+    return model.eval(), payload
+
+
 def sample_main(sampling):
     """Prints text generated by a saved model.pt."""
     if sampling.top_k < 0 or sampling.temperature < 0 or sampling.max_new_tokens < 0 or sampling.num_samples < 1:
         raise UsageError("--top_k, --temperature and --max_new_tokens must be >= 0 and --num_samples >= 1")
-    if not os.path.exists(sampling.sample):
-        raise UsageError(f"--sample {sampling.sample}: no such file; pass a logs/<run_id>/model.pt")
-    try:
-        payload = torch.load(sampling.sample, map_location="cpu", weights_only=True)
-        gcfg = GPTConfig(**payload["model_config"])
-    except Exception as e:  # any unreadable checkpoint is reported the same way
-        raise UsageError(f"--sample {sampling.sample}: not a model saved by train_gpt.py "
-                         f"({type(e).__name__})") from None
-    if "meta" not in payload:
-        raise UsageError(f"--sample {sampling.sample}: a training checkpoint, not a model; sample from "
-                         "logs/<run_id>/model.pt (written at the end of a run), or --resume the checkpoint")
-    model = GPT(gcfg)
-    model.load_state_dict(payload["model"])
-    model.eval()
+    model, payload = load_model(sampling.sample, "--sample")
     meta = payload["meta"]
     encode, decode = tokenizer_from_meta(meta)
     if meta["tokenizer"] == "char":  # a char vocabulary cannot encode what training never saw
@@ -2019,13 +2023,9 @@ def check_main(cfg, rank, local_rank):
     if cfg.world_size > 1:
         backend = dist.get_backend()
         started = time.perf_counter()
-        total = torch.ones((), device=trainer.device)
-        dist.all_reduce(total)
+        dist.all_reduce(torch.ones((), device=trainer.device))
         dist.barrier()
         ms = 1000 * (time.perf_counter() - started)
-        if int(total.item()) != cfg.world_size:
-            raise UsageError(f"the all-reduce over {cfg.world_size} processes summed to {int(total.item())}: the "
-                             "processes do not form one job; check --nnodes/--nproc_per_node on every node")
         say(f"check: {cfg.world_size} processes ({backend}) reached each other: all-reduce and barrier {ms:.1f} ms")
         dist.destroy_process_group()
     say("check: the run can start")
@@ -2142,6 +2142,10 @@ def main(argv=None):
     return result
 
 
+# The errors of a write that the machine refused (space, quota, permissions), reported in one line by run_cli().
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def run_cli(entry):
     """Runs a command-line entry point: a UsageError becomes one line on stderr and exit code 2, a TrainingError
     exit code 3 (under torchrun every rank raises the same one, and rank 0 prints it)."""
@@ -2155,7 +2159,9 @@ def run_cli(entry):
         sys.exit(2 if isinstance(e, UsageError) else 3)
     except KeyboardInterrupt:  # main() printed whether and how to resume; the last checkpoint stays as it was
         sys.exit(130)
-    except OSError as e:  # a full disk, a folder taken away: the files written so far are whole
+    except OSError as e:  # a full disk, a folder that became read-only: the files written so far are whole
+        if e.errno not in WRITE_ERRNOS:
+            raise
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: could not write {e.filename or 'a file'}: {e.strerror or e} (a full disk, or a folder "
                   "that cannot be written?); every checkpoint and log written before is whole", file=sys.stderr)

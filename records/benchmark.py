@@ -626,8 +626,8 @@ def header(args):
              f"data {args.data}, logs {args.log_dir}" + (f", extra `{args.extra}`" if args.extra else "")]
     recipes = ["classic"] if args.suite != "recipes" else ["classic", "speedrun"]
     steps = [args.steps] + ([args.sweep_steps] if args.suite == "optimizers" else [])
-    scaled = [f"{recipe} at {n} steps: {schedule_note(recipe, n)}" for recipe in recipes for n in steps
-              if schedule_note(recipe, n)]
+    notes = {(recipe, n): schedule_note(recipe, n) for recipe in recipes for n in steps}
+    scaled = [f"{recipe} at {n} steps: {note}" for (recipe, n), note in notes.items() if note]
     if scaled:
         lines.append("note: train_gpt.py shortened the schedule to fit: " + "; ".join(scaled))
     return ["\n".join(lines[:1] + [""] + [f"- {line}" for line in lines[1:]])]

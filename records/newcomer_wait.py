@@ -3,11 +3,11 @@
 
     python records/newcomer_wait.py [--runs 2] [--commit REV] [--keep DIR]
 
-Clones this checkout's HEAD (or --commit) into a temporary folder, then runs `./run.sh` there --runs times with one compile cache
-(TORCHINDUCTOR_CACHE_DIR) that starts empty: the first run is the cold-cache case, the later ones warm. Each output
-line is stamped with the seconds since the command started, so the table says where the wait went: start-up until
-the first line, the warm-up (compilation), validation and training. The first run also prepares the data, as a
-newcomer's would; that time is shown on its own.
+Clones this checkout's HEAD (or --commit) into a temporary folder, then runs `./run.sh` there --runs times with one
+compile cache (TORCHINDUCTOR_CACHE_DIR) that starts empty: the first run is the cold-cache case, the later ones warm.
+Each output line is stamped with the seconds since the command started, so the table says where the wait went:
+start-up until the first line, the warm-up (compilation), validation and training. The first run also prepares the
+data, as a newcomer's would; that time is shown on its own.
 """
 import argparse
 import os

@@ -37,10 +37,7 @@ def train_reference(data, folder):
 @torch.no_grad()
 def window_losses(model_path, data, batch=256):
     """The mean next-token loss of every block_size window of the val split, in order."""
-    payload = torch.load(model_path, map_location="cpu", weights_only=True)
-    model = train_gpt.GPT(train_gpt.GPTConfig(**payload["model_config"]))
-    model.load_state_dict(payload["model"])
-    model.eval()
+    model, _ = train_gpt.load_model(model_path, "--model")
     T = model.cfg.block_size
     tokens = torch.from_numpy(train_gpt.read_shard(train_gpt.find_shards(os.path.join(data, "val_*.bin"),
                                                                           "validation")[0]).astype("int64"))
@@ -80,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_gpt.run_cli(main))
