@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -51,6 +52,11 @@ class UsageError(Exception):
 
 class TrainingError(Exception):
     """A run that cannot go on (too many non-finite steps): one line, exit code 3, a checkpoint to resume from."""
+
+
+class RankLost(Exception):
+    """Another process of the torchrun job ended while this one waited on it: exit code 3, and one line (from the
+    first survivor to notice) naming the lost rank, the step and how to resume. The message is empty on the others."""
 
 
 # -----------------------------------------------------------------------------
@@ -2049,9 +2055,85 @@ def init_distributed(cfg, local_rank):
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+    with contextlib.suppress(Exception):  # where this rank's process runs, for lost_ranks(); the broadcast below
+        job_store().set(f"{STORE_PREFIX}proc/{dist.get_rank()}", f"{platform.node()} {os.getpid()}")  # waits for all
     shared = [cfg.run_id]
     dist.broadcast_object_list(shared, src=0)
     return dataclasses.replace(cfg, run_id=shared[0])
+
+
+# Keys this script keeps in the job's store (torchrun's, which outlives any rank): each rank's host and pid, the
+# ranks found lost, and whether the loss was reported.
+STORE_PREFIX = "train_gpt/"
+
+
+def job_store():
+    """The store the process group was made with (torchrun's rendezvous store)."""
+    return dist.distributed_c10d._get_default_store()
+
+
+def process_gone(pid):
+    """Whether a process of this machine has ended: absent, or dead and not yet reaped by torchrun."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc (macOS): a signal 0 finds the process if it exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+
+
+def lost_ranks(rank, world_size, wait_s=2.0):
+    """The ranks whose process has ended, after a collective failed: found on this machine from their pids, or named
+    by the survivors on their own machine (waited for up to wait_s). [] when no peer is known to be gone."""
+    try:
+        store, host, lost = job_store(), platform.node(), []
+        for other in range(world_size):
+            key = f"{STORE_PREFIX}proc/{other}"
+            if other == rank or not store.check([key]):
+                continue
+            other_host, pid = store.get(key).decode().rsplit(" ", 1)
+            if other_host == host and process_gone(int(pid)):
+                lost.append(other)
+                store.set(f"{STORE_PREFIX}lost/{other}", "1")
+        deadline = time.monotonic() + wait_s
+        while not lost and time.monotonic() < deadline:
+            lost = [r for r in range(world_size) if store.check([f"{STORE_PREFIX}lost/{r}"])]
+            time.sleep(0.1)
+        return lost
+    except Exception:  # the store went too (the torchrun agent died): nothing to name
+        return []
+
+
+def raise_if_rank_lost(cfg, trainer, rank):
+    """After a collective failed under torchrun: raises RankLost when another rank's process has ended, so that the
+    job stops with one line instead of each survivor's traceback. Returns when no peer is known to be gone."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops survivors: first say what happened
+    try:
+        lost = lost_ranks(rank, cfg.world_size)
+        first = bool(lost) and job_store().add(f"{STORE_PREFIX}reported", 1) == 1
+    except Exception:
+        first = False
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if lost:
+        who = f"rank {lost[0]} was" if len(lost) == 1 else f"ranks {', '.join(map(str, lost))} were"
+        raise RankLost(f"{who} lost at step:{trainer.step} (the process ended; torchrun's summary says how); "
+                       f"{resume_advice(cfg, trainer)}" if first else "")
+
+
+def resume_advice(cfg, trainer):
+    """How to go on after a run stopped early: from its last checkpoint, or from scratch when there is none."""
+    found = sorted(glob.glob(os.path.join(trainer.checkpoint_dir(), "checkpoint_*.pt")))
+    if not found:
+        return "no checkpoint was written (they need --save_every N), so start again"
+    return f"the last checkpoint is {found[-1]}: resume with the same command and --resume auto --run_id {cfg.run_id}"
 
 
 def open_run_log(cfg, rank):
@@ -2124,10 +2206,11 @@ def main(argv=None):
         result = trainer.run()
     except KeyboardInterrupt:
         if rank == 0:
-            resume = (f"resume with --resume auto --run_id {cfg.run_id}" if glob.glob(
-                os.path.join(trainer.checkpoint_dir(), "checkpoint_*.pt")) else
-                "no checkpoint was written (they need --save_every N), so start again")
-            print(f"interrupted at step:{trainer.step}; {resume}", file=sys.stderr)
+            print(f"interrupted at step:{trainer.step}; {resume_advice(cfg, trainer)}", file=sys.stderr)
+        raise
+    except RuntimeError:  # under torchrun, a collective whose peer died
+        if world_size > 1:
+            raise_if_rank_lost(cfg, trainer, rank)
         raise
     finally:
         if trainer.wandb_run is not None:
@@ -2159,6 +2242,10 @@ def run_cli(entry):
         sys.exit(2 if isinstance(e, UsageError) else 3)
     except KeyboardInterrupt:  # main() printed whether and how to resume; the last checkpoint stays as it was
         sys.exit(130)
+    except RankLost as e:  # no destroy_process_group(): its peers are gone
+        if str(e):
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     except OSError as e:  # a full disk, a folder that became read-only: the files written so far are whole
         if e.errno not in WRITE_ERRNOS:
             raise

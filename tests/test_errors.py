@@ -143,7 +143,8 @@ def test_ctrl_c_names_the_step_and_how_to_resume(tmp_path, char_data):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("interrupted at step:") and last.endswith("resume with --resume auto --run_id int"), err
+    assert last.startswith("interrupted at step:") and "the last checkpoint is " in last, err
+    assert last.endswith(": resume with the same command and --resume auto --run_id int"), err
     assert "Traceback" not in err
     assert glob.glob(os.path.join(logs, "int", "checkpoint_*.pt"))
 
@@ -214,3 +215,43 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, char
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: could not write ") and "No space left on device" in err[0]
     assert not [p for p in logs.rglob("*") if ".tmp" in p.name]
+
+
+def rank_pid(run_id, rank):
+    """The pid of the torchrun worker of this run with this rank (read from /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"--run_id={run_id}".encode() in cmdline and f"RANK={rank}".encode() in environ and \
+                b"torch.distributed.run" not in cmdline:  # a worker, not torchrun itself
+            return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker's pid in /proc")
+@pytest.mark.parametrize("killed", [0, 1])
+def test_a_killed_rank_is_named_in_one_line_with_the_checkpoint_to_resume(tmp_path, char_data, killed):
+    logs = str(tmp_path / "logs")
+    args = tiny_args(char_data, logs, run_id="lost", max_iters=100000, eval_interval=0, save_every=5)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train_gpt.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 180
+    while not glob.glob(os.path.join(logs, "lost", "checkpoint_*.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    pid = rank_pid("lost", killed)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and ours[0].startswith(f"error: rank {killed} was lost at step:"), err
+    checkpoint = ours[0].split("the last checkpoint is ")[1].split(": resume")[0]
+    assert os.path.exists(checkpoint) and ours[0].endswith("resume with the same command and --resume auto "
+                                                           "--run_id lost"), err
+    assert "Connection closed" not in err and "[rank" not in err, err  # no survivor's traceback
