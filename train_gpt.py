@@ -54,9 +54,10 @@ class TrainingError(Exception):
     """A run that cannot go on (too many non-finite steps): one line, exit code 3, a checkpoint to resume from."""
 
 
-class RankLost(Exception):
-    """Another process of the torchrun job ended while this one waited on it: exit code 3, and one line (from the
-    first survivor to notice) naming the lost rank, the step and how to resume. The message is empty on the others."""
+class JobStopped(Exception):
+    """A torchrun job that cannot go on: another rank's process ended, or a SIGTERM came. Exit code 3 and one line
+    (from the first survivor to notice) naming the lost rank or the signal, the step and how to resume; the message
+    is empty on the other ranks."""
 
 
 # -----------------------------------------------------------------------------
@@ -2111,8 +2112,17 @@ def lost_ranks(rank, world_size, wait_s=2.0):
         return []
 
 
+class Terminated(BaseException):
+    """A SIGTERM during training under torchrun, which sends one to the survivors when a rank dies (and a scheduler
+    to every rank when it preempts the job): raised so that the run can still say which, and how to resume."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
 def raise_if_rank_lost(cfg, trainer, rank):
-    """After a collective failed under torchrun: raises RankLost when another rank's process has ended, so that the
+    """After a collective failed under torchrun: raises JobStopped when another rank's process has ended, so that the
     job stops with one line instead of each survivor's traceback. Returns when no peer is known to be gone."""
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops survivors: first say what happened
     try:
@@ -2124,7 +2134,7 @@ def raise_if_rank_lost(cfg, trainer, rank):
         signal.signal(signal.SIGTERM, previous)
     if lost:
         who = f"rank {lost[0]} was" if len(lost) == 1 else f"ranks {', '.join(map(str, lost))} were"
-        raise RankLost(f"{who} lost at step:{trainer.step} (the process ended; torchrun's summary says how); "
+        raise JobStopped(f"{who} lost at step:{trainer.step} (the process ended; torchrun's summary says how); "
                        f"{resume_advice(cfg, trainer)}" if first else "")
 
 
@@ -2202,17 +2212,23 @@ def main(argv=None):
     # 6. Train, then save the model and write the outcome: the log's last line, by which a record is judged.
     if rank == 0 and cfg.wandb:
         trainer.wandb_run = start_wandb(cfg, log)
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated) if world_size > 1 else None
     try:
         result = trainer.run()
     except KeyboardInterrupt:
         if rank == 0:
             print(f"interrupted at step:{trainer.step}; {resume_advice(cfg, trainer)}", file=sys.stderr)
         raise
-    except RuntimeError:  # under torchrun, a collective whose peer died
+    except (RuntimeError, Terminated) as e:  # under torchrun: a collective whose peer died, or torchrun stopping us
         if world_size > 1:
             raise_if_rank_lost(cfg, trainer, rank)
+        if isinstance(e, Terminated):
+            raise JobStopped(f"stopped by a SIGTERM at step:{trainer.step}; {resume_advice(cfg, trainer)}"
+                           if rank == 0 else "") from None
         raise
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         if trainer.wandb_run is not None:
             trainer.wandb_run.finish()
     if rank == 0:
@@ -2242,7 +2258,7 @@ def run_cli(entry):
         sys.exit(2 if isinstance(e, UsageError) else 3)
     except KeyboardInterrupt:  # main() printed whether and how to resume; the last checkpoint stays as it was
         sys.exit(130)
-    except RankLost as e:  # no destroy_process_group(): its peers are gone
+    except (JobStopped, Terminated) as e:  # no destroy_process_group(): its peers are gone or going
         if str(e):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(3)

@@ -255,3 +255,21 @@ def test_a_killed_rank_is_named_in_one_line_with_the_checkpoint_to_resume(tmp_pa
     assert os.path.exists(checkpoint) and ours[0].endswith("resume with the same command and --resume auto "
                                                            "--run_id lost"), err
     assert "Connection closed" not in err and "[rank" not in err, err  # no survivor's traceback
+
+
+def test_a_sigterm_to_torchrun_stops_the_job_with_how_to_resume(tmp_path, char_data):
+    logs = str(tmp_path / "logs")
+    args = tiny_args(char_data, logs, run_id="term", max_iters=100000, eval_interval=0, save_every=5)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train_gpt.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 180
+    while not glob.glob(os.path.join(logs, "term", "checkpoint_*.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler does when it preempts the job; torchrun passes it on
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and ours[0].startswith("error: stopped by a SIGTERM at step:"), err
+    assert ours[0].endswith("resume with the same command and --resume auto --run_id term"), err
+    assert "[rank" not in err, err
