@@ -4,6 +4,10 @@
     python records/verify.py LOG [LOG ...]                 # structure, metrics.jsonl, t-test of the mean val loss
     python records/verify.py --reproduce 200 LOG [LOG ...]  # also re-run each log's first 200 steps and compare
 
+--reproduce runs a log's embedded source, in a child process, only when it is a known one (this checkout's
+train_gpt.py, one of its git versions, or a record's); another is refused with a diff summary unless
+--run-unknown-code is given.
+
 A log is accepted when its embedded source hashes to its `code_sha256:` line, every step line parses, train_time
 never decreases, the train and val lines sit exactly on the log_interval / eval_interval grid up to where the run
 stopped, the outcome line agrees with the val lines, and (where logs/<run_id>/metrics.jsonl is given or found
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import glob
 import hashlib
 import importlib.util
@@ -31,6 +36,7 @@ import math
 import os
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -632,20 +638,67 @@ def reproduce_argv(parsed: dict, flags: set, log_dir: str, device: str | None, d
     return argv, device
 
 
-def _import_source(source: str, folder: str, tag: str):
-    path = os.path.join(folder, "train_gpt.py")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(source)
+def _git_versions() -> dict[str, str]:
+    """{text: 'train_gpt.py at commit <short hash>'} for each commit of this checkout that changed train_gpt.py;
+    {} without git or outside a clone."""
+    try:
+        commits = subprocess.run(["git", "rev-list", "HEAD", "--", "train_gpt.py"], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=60, check=True).stdout.split()
+        batch = subprocess.run(["git", "cat-file", "--batch"], input="".join(f"{c}:train_gpt.py\n" for c in commits)
+                               .encode(), cwd=ROOT, capture_output=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    versions, at = {}, 0
+    for commit in commits:  # each answer: "<hash> blob <size>\n<size bytes>\n", or "<name> missing\n"
+        header_end = batch.index(b"\n", at)
+        header = batch[at:header_end].split()
+        at = header_end + 1
+        if header[-1] == b"missing":
+            continue
+        size = int(header[2])
+        versions.setdefault(batch[at:at + size].decode("utf-8", "replace"), f"train_gpt.py at commit {commit[:9]}")
+        at += size + 1
+    return versions
+
+
+def known_sources() -> dict[str, tuple[str, str]]:
+    """{sha256: (where, text)} of the sources a reviewer already has: this checkout's train_gpt.py, its versions in
+    the checkout's git history, and the source embedded in each log under records/."""
+    found = {(ROOT / "train_gpt.py").read_text(encoding="utf-8"): "train_gpt.py in this checkout"}
+    for text, where in _git_versions().items():
+        found.setdefault(text, where)
+    for log in sorted((ROOT / "records").rglob("*.txt")):
+        text = log.read_text(encoding="utf-8", errors="replace")
+        if "\n" + train_gpt.LOG_SEPARATOR + "\n" in text:
+            found.setdefault(text.split("\n" + train_gpt.LOG_SEPARATOR + "\n")[0] + "\n",
+                             f"the source of {log.relative_to(ROOT)}")
+    return {hashlib.sha256(text.encode("utf-8")).hexdigest(): (where, text) for text, where in found.items()}
+
+
+def source_identity(parsed: dict, known: dict[str, tuple[str, str]]) -> tuple[bool, str]:
+    """(whether the log's source is a known one, one phrase: which one, or how it differs from the closest)."""
+    if parsed["computed_sha256"] in known:
+        return True, f"identical to {known[parsed['computed_sha256']][0]}"
+    ours = parsed["source"].splitlines()
+    closest, where = max(((difflib.SequenceMatcher(None, text.splitlines(), ours, autojunk=False), where)
+                          for where, text in known.values()), key=lambda pair: pair[0].ratio())
+    changes = [op for op in closest.get_opcodes() if op[0] != "equal"]
+    added = sum(j2 - j1 for _, _, _, j1, j2 in changes)
+    removed = sum(i2 - i1 for _, i1, i2, _, _ in changes)
+    places = ", ".join(f"{j1 + 1}-{max(j2, j1 + 1)}" for _, _, _, j1, j2 in changes[:5])
+    more = f" and {len(changes) - 5} more" if len(changes) > 5 else ""
+    return False, (f"not a known train_gpt.py (sha256 {parsed['computed_sha256'][:16]}...): against the closest, "
+                   f"{where}, it adds {added} line(s) and removes {removed}, in {len(changes)} place(s) (its lines "
+                   f"{places}{more})")
+
+
+def _import_source(source_path: str, tag: str):
     name = f"_reproduced_train_gpt_{tag}"
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, source_path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the source runs
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module, name
+    spec.loader.exec_module(module)
+    return module
 
 
 def _log_config(path, module, argv: list[str]):
@@ -694,29 +747,56 @@ def _run_first_steps(module, cfg, n_steps: int) -> list[str]:
     return lines
 
 
+# The child process that runs a log's source: `python records/verify.py CHILD_FLAG FOLDER`, where FOLDER holds the
+# source (train_gpt.py) and request.json; it writes result.json there: kind ok (lines, device), usage or failed.
+CHILD_FLAG = "--reproduce-child"
+
+
+def _child_main(folder: str) -> int:
+    request = json.loads(Path(folder, "request.json").read_text())
+    path, threads = request["path"], request["threads"]
+    try:
+        module = _import_source(os.path.join(folder, "train_gpt.py"), request["tag"])
+        flags = {s[2:] for a in module.build_parser()._actions for s in a.option_strings if s.startswith("--")}
+        argv, device = reproduce_argv(request["parsed"], flags, os.path.join(folder, "logs"), request["device"],
+                                      request["data"])
+        cfg = _log_config(path, module, argv)
+        if threads:
+            torch.set_num_threads(threads)
+        result = dict(kind="ok", lines=_run_first_steps(module, cfg, request["n_steps"]), device=device)
+    except ReproduceError as e:
+        result = dict(kind="usage", message=str(e))
+    except Exception as e:
+        first = (str(e).splitlines() or [""])[0]
+        result = dict(kind="usage", message=f"{path}: {e}") if type(e).__name__ == "UsageError" else \
+            dict(kind="failed", message=f"the reproduction stopped with {type(e).__name__}: {first}")
+    Path(folder, "result.json").write_text(json.dumps(result))
+    return 0
+
+
 def _rerun(path, parsed: dict, n_steps: int, device: str | None, threads: int | None) -> tuple[list[str], str]:
-    """The lines the log's own source prints for its first n_steps steps on this machine, and the device used.
-    Raises ReproduceError for bad input, _RunFailed (one line) when the run itself fails."""
+    """The lines the log's own source prints for its first n_steps steps on this machine, run in a child process,
+    and the device used. Raises ReproduceError for bad input, _RunFailed (one line) when the run itself fails."""
     data = _log_data(path, parsed)
-    old_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="verify_reproduce_") as tmp:
-        module, name = _import_source(parsed["source"], tmp, parsed["computed_sha256"][:16])
-        try:
-            flags = {s[2:] for a in module.build_parser()._actions for s in a.option_strings if s.startswith("--")}
-            argv, device = reproduce_argv(parsed, flags, os.path.join(tmp, "logs"), device, data)
-            cfg = _log_config(path, module, argv)
-            if threads:
-                torch.set_num_threads(threads)
-            try:
-                return _run_first_steps(module, cfg, n_steps), device
-            except Exception as e:
-                if type(e).__name__ == "UsageError":
-                    raise ReproduceError(f"{path}: {e}") from None
-                first = (str(e).splitlines() or [""])[0]
-                raise _RunFailed(f"the reproduction stopped with {type(e).__name__}: {first}") from None
-        finally:
-            sys.modules.pop(name, None)
-            torch.set_num_threads(old_threads)
+        Path(tmp, "train_gpt.py").write_text(parsed["source"], encoding="utf-8")
+        header = {"header_order": parsed["header_order"], "header_all": {"device": parsed["header_all"].get("device",
+                                                                                                           [])}}
+        Path(tmp, "request.json").write_text(json.dumps(dict(
+            path=str(path), parsed=header, n_steps=n_steps, device=device, threads=threads, data=data,
+            tag=parsed["computed_sha256"][:16])))
+        child = subprocess.run([sys.executable, str(Path(__file__).resolve()), CHILD_FLAG, tmp], cwd=os.getcwd(),
+                               capture_output=True, text=True)
+        result_path = Path(tmp, "result.json")
+        if not result_path.exists():
+            last = (child.stderr.strip().splitlines() or [f"exit code {child.returncode}"])[-1]
+            raise _RunFailed(f"the reproduction's process stopped: {last}")
+        result = json.loads(result_path.read_text())
+    if result["kind"] == "usage":
+        raise ReproduceError(result["message"])
+    if result["kind"] == "failed":
+        raise _RunFailed(result["message"])
+    return result["lines"], result["device"]
 
 
 def _compare(parsed: dict, lines: list[str], n_steps: int, tolerance: float | None, mode: str) -> dict:
@@ -808,7 +888,10 @@ def build_parser() -> OneLineParser:
                          "beside each log, <dir>/<run_id>/metrics.jsonl, when there is one)")
     ap.add_argument("--reproduce", type=int, default=None, metavar="N",
                     help="re-create each run from its log (embedded source, header configuration) and compare "
-                         "every logged loss at steps <= N; runs the log's code")
+                         "every logged loss at steps <= N; runs the log's code in a child process")
+    ap.add_argument("--run-unknown-code", action="store_true",
+                    help="with --reproduce: also run a log whose source is not this checkout's train_gpt.py, one of "
+                         "its git versions or a record's (by default such a log is refused with a diff summary)")
     ap.add_argument("--device", default=None, help="with --reproduce: device to run on (default: the log's)")
     ap.add_argument("--threads", type=int, default=None,
                     help="with --reproduce: torch threads (default: the log's 'torch threads')")
@@ -846,6 +929,9 @@ def _summary(s: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [CHILD_FLAG]:
+        return _child_main(argv[1])
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.reproduce is not None and args.reproduce < 1:
@@ -859,6 +945,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     results, reproduced_ok = [], True
+    known = known_sources() if args.reproduce is not None else {}
     for path in args.logs:
         r = verify_log(path, target=args.target, metrics_dir=args.metrics_dir)
         results.append(r)
@@ -867,6 +954,12 @@ def main(argv=None) -> int:
             passes = ", ".join(f"pass {p} at step:{s}" for p, s in r["data_passes"])
             print(f"note {r['path']}: the training data repeated ({passes})")
         if r["ok"] and args.reproduce is not None:
+            is_known, identity = source_identity(r["parsed"], known)
+            if not is_known and not args.run_unknown_code:
+                print(f"error: {path}: not run: its source is {identity}; read it (above the log's line of '=') and "
+                      "add --run-unknown-code to run it in a child process", file=sys.stderr)
+                return 2
+            print(f"source {r['path']}: {identity}" + ("" if is_known else "; run (--run-unknown-code)"))
             try:
                 rep = reproduce(path, r["parsed"], args.reproduce, args.device, args.threads, args.tolerance)
             except ReproduceError as e:

@@ -1,6 +1,7 @@
 """records/verify.py on logs of real tiny CPU runs: tampering caught by the step grid, the outcome line and
 metrics.jsonl, and --reproduce re-running a log from its embedded source; the log format the tools share."""
 import glob
+import hashlib
 import importlib.util
 import os
 import re
@@ -192,6 +193,47 @@ def test_reproduce_matches_a_fresh_log_and_catches_a_changed_loss(fresh_log, tmp
     assert f"line {i + 1}: logged step:6/20 {lines[i].split()[1]}, reproduced {logged}" in mismatch[0]
 
 
+def with_source(log, text_of_source):
+    """The log's text with its embedded source replaced by text_of_source and code_sha256 to match."""
+    text = log.read_text()
+    head, tail = text.split("\n" + train_gpt.LOG_SEPARATOR + "\n", 1)
+    sha = hashlib.sha256(text_of_source.encode()).hexdigest()
+    tail = re.sub(r"^code_sha256:[0-9a-f]{64}", f"code_sha256:{sha}", tail)
+    return text_of_source + train_gpt.LOG_SEPARATOR + "\n" + tail
+
+
+def test_reproduce_runs_unknown_code_only_when_asked_and_then_in_a_child_process(fresh_log, tmp_path):
+    """A log whose source is not a known train_gpt.py is refused with a diff summary, nothing run; with
+    --run-unknown-code it runs in another process (the added line writes its pid) and reproduces."""
+    source = fresh_log.read_text().split("\n" + train_gpt.LOG_SEPARATOR + "\n")[0] + "\n"
+    assert hashlib.sha256(source.encode()).hexdigest() == hashlib.sha256(
+        (Path(ROOT) / "train_gpt.py").read_bytes()).hexdigest()
+    marker = tmp_path / "ran_in_pid"
+    lines = source.split("\n")
+    at = line_index(lines, "import numpy as np")
+    lines.insert(at, f"open({str(marker)!r}, 'w').write(str(os.getpid()))")
+    log = copy_run(fresh_log, tmp_path / "unknown", with_source(fresh_log, "\n".join(lines)), metrics=False)
+    assert verify.verify_log(log)["ok"]
+    r = run_verify("--reproduce", 6, "--no-stats", log)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stdout + r.stderr
+    assert f"{log}: not run: its source is not a known train_gpt.py" in r.stderr
+    assert "against the closest, train_gpt.py in this checkout, it adds 1 line(s) and removes 0, in 1 place(s) " \
+           f"(its lines {at + 1}-{at + 1})" in r.stderr and "--run-unknown-code" in r.stderr
+    assert not marker.exists()
+    proc = subprocess.Popen([sys.executable, str(VERIFY), "--reproduce", "6", "--no-stats", "--run-unknown-code",
+                             str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    assert f"source {log}: not a known train_gpt.py" in out and "REPRODUCED" in out
+    assert int(marker.read_text()) not in (proc.pid, os.getpid())
+
+
+def test_reproduce_names_the_known_source_it_runs(fresh_log):
+    r = run_verify("--reproduce", 2, "--no-stats", fresh_log)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"source {fresh_log}: identical to train_gpt.py in this checkout" in r.stdout
+
+
 def test_reproduce_without_the_data_exit_2(fresh_log, tmp_path):
     text = fresh_log.read_text()
     data_line = next(line for line in text.split("\n") if line.startswith("input_bin: "))
@@ -233,3 +275,19 @@ def test_a_lowered_train_time_is_refused_without_metrics(fresh_log, tmp_path):
     assert not r["ok"] and r["reason"].startswith(f"line {first + 1}: step_avg "), r["reason"]
     out = run_verify("--no-stats", copy_run(fresh_log, tmp_path / "plain", metrics=False)).stdout
     assert "[no metrics.jsonl: the printed numbers are checked only against each other]" in out
+
+
+def test_the_known_sources_are_the_checkout_its_git_versions_and_the_records():
+    known = verify.known_sources()
+    own = hashlib.sha256((Path(ROOT) / "train_gpt.py").read_bytes()).hexdigest()
+    assert known[own][0] == "train_gpt.py in this checkout"
+    for log in sorted((Path(ROOT) / "records").rglob("*.txt")):
+        source = log.read_text().split("\n" + train_gpt.LOG_SEPARATOR + "\n")[0] + "\n"
+        if "\n" + train_gpt.LOG_SEPARATOR + "\n" in log.read_text():
+            assert hashlib.sha256(source.encode()).hexdigest() in known, log
+    commits = subprocess.run(["git", "rev-list", "HEAD", "--", "train_gpt.py"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    if len(commits) < 2:
+        pytest.skip("no git history of train_gpt.py here (not a clone, or a shallow one)")
+    old = subprocess.run(["git", "show", f"{commits[-1]}:train_gpt.py"], cwd=ROOT, capture_output=True).stdout
+    assert known[hashlib.sha256(old).hexdigest()][0] == f"train_gpt.py at commit {commits[-1][:9]}"
