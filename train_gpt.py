@@ -112,6 +112,11 @@ class Hyperparameters:
     logit_softcap: float = model_flag(0.0, "cap * tanh(logits / cap); 0 disables")
     zero_init: bool = model_flag(False, "zero-initialise residual output projections (and an untied head)")
     mtp_steps: int = model_flag(1, "predict tokens t+1..t+N, one extra module per extra offset (1: next token only)")
+    bigram_embed: bool = model_flag(False, "a zero-initialised table looked up by (previous, current) token, added to "
+                                    "every block's input with a learned per-layer weight")
+    embed_shortcut: bool = model_flag(False, "mix the token embedding back into every block's input with learned "
+                                      "per-layer weights")
+    smear: bool = model_flag(False, "a learned gate that adds the previous token's embedding to the current one")
     mtp_weight: float = flag(0.1, "final weight of the mean auxiliary loss")
     mtp_rampup_steps: int = flag(64, "steps over which the auxiliary weight ramps from 0 to mtp_weight")
     # optimization
@@ -899,6 +904,42 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
+# The bigram table's rows: one per (previous, current) pair plus one per token at a window's first position, where
+# the previous token is not in the batch; a vocabulary whose pairs would need more rows shares them by a hash.
+BIGRAM_MAX_ROWS = 2 ** 17
+
+
+class BigramEmbedding(nn.Module):
+    """What the previous token says about the next, looked up instead of learned through attention: a table indexed
+    by (previous, current) token. Zero at first, so the model starts as without it."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.vocab = cfg.real_vocab_size or cfg.vocab_size
+        self.rows = min(self.vocab * (self.vocab + 1), BIGRAM_MAX_ROWS)
+        self.table = with_role(nn.Embedding(self.rows, cfg.n_embd), "embedding")
+
+    def forward(self, idx):
+        previous = F.pad(idx[:, :-1], (1, 0), value=self.vocab)  # vocab: "no previous token in this window"
+        return self.table((previous * self.vocab + idx) % self.rows)
+
+
+class Smear(nn.Module):
+    """Adds the previous token's embedding to each token's, through a gate that the token's first channels set:
+    attention need not spend a head on the previous token. The weight starts at 0, so the model starts as without."""
+
+    GATE_CHANNELS = 12  # channels the gate reads: a few suffice to tell which tokens want their predecessor
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(min(self.GATE_CHANNELS, cfg.n_embd)))
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0))  # nothing before a window's first token
+        return x + self.weight * torch.sigmoid(x[..., :self.gate.numel()] @ self.gate).unsqueeze(-1) * previous
+
+
 class MTPHead(nn.Module):
     """Turns the final hidden state at t into one for predicting token t+k (k >= 2), read by the shared head."""
 
@@ -921,6 +962,14 @@ class GPT(nn.Module):
         self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size) if cfg.pos_emb == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.bigram = BigramEmbedding(cfg) if cfg.bigram_embed else None
+        self.smear = Smear(cfg) if cfg.smear else None
+        # Per-layer weights of what is added to each block's input: the bigram table's (first layer 1, others 0
+        # until they learn otherwise) and the token embedding's with the stream's own (1 and 0: a plain stream).
+        layer = torch.arange(cfg.n_layer)
+        self.bigram_weights = nn.Parameter((layer == 0).float()) if cfg.bigram_embed else None
+        self.stream_weights = nn.Parameter(torch.ones(cfg.n_layer)) if cfg.embed_shortcut else None
+        self.shortcut_weights = nn.Parameter(torch.zeros(cfg.n_layer)) if cfg.embed_shortcut else None
         self.ln_f = make_norm(cfg, cfg.n_embd)
         self.lm_head = with_role(nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False), "head")
         if cfg.tie_embeddings:
@@ -934,6 +983,8 @@ class GPT(nn.Module):
     def init_weights(self):
         cfg = self.cfg
         self.apply(self._init_weights)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.table.weight)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: two residual additions per layer
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -960,8 +1011,15 @@ class GPT(nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(idx.size(1), device=idx.device))
-        x = self.drop(x)
-        for block in self.blocks:
+        if self.smear is not None:
+            x = self.smear(x)
+        x = x0 = self.drop(x)
+        bigram = self.bigram(idx) if self.bigram is not None else None
+        for i, block in enumerate(self.blocks):
+            if self.stream_weights is not None:
+                x = self.stream_weights[i] * x + self.shortcut_weights[i] * x0
+            if bigram is not None:
+                x = x + self.bigram_weights[i] * bigram
             x = block(x, self.rotary)
         return x
 
@@ -1085,7 +1143,8 @@ def flops_per_token(model):
     """Training FLOPs per token of the matrix multiplications, which are nearly all of them: 6 per weight of every
     linear layer (2 forward, 4 backward), the output head once per predicted offset (MTP reuses it), and attention's
     score and value products (12 * n_layer * n_embd * block_size, the whole T x T square as the kernels compute it).
-    Embedding lookups, norms and elementwise work are not counted."""
+    Embedding lookups (the bigram table's too), norms, the smear gate's 12 products and elementwise work are not
+    counted."""
     cfg = model.cfg
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head)
     head = model.lm_head.weight.numel() * cfg.mtp_steps

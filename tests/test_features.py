@@ -79,6 +79,59 @@ def test_embd_scale_widens_with_head_dim_a_multiple_of_8():
         assert new % heads == 0 and (new // heads) % 8 == 0 and abs(new - width * factor) <= heads * 4
 
 
+# --- optional model pieces: a bigram table, the embedding shortcut, smear
+
+PIECES = ["bigram_embed", "embed_shortcut", "smear"]
+
+
+@pytest.mark.parametrize("piece", PIECES)
+def test_a_piece_starts_as_the_model_without_it_then_learns(piece):
+    """Zero-initialised: the same logits as the model without the piece (its shared weights copied), and after
+    two Adam steps every parameter of the piece has moved (a weight whose partner is zero moves at the second)."""
+    base = train_gpt.GPTConfig(vocab_size=64, real_vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=32,
+                               pos_emb="rope", norm="rms", zero_init=False, tie_embeddings=False)
+    plain, model = train_gpt.GPT(base), train_gpt.GPT(dataclasses.replace(base, **{piece: True}))
+    missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing, piece
+    x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (1, 2, 16))
+    assert torch.equal(model(x), plain(x))
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if name in missing}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x, y)[0].backward()
+        opt.step()
+    assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters() if name in missing), missing
+
+
+def test_bigram_rows_are_previous_times_vocab_plus_current_and_hash_a_large_vocabulary():
+    small = train_gpt.BigramEmbedding(train_gpt.GPTConfig(vocab_size=64, real_vocab_size=5, n_embd=8))
+    assert small.rows == 5 * 6
+    with torch.no_grad():
+        small.table.weight.copy_(torch.arange(30, dtype=torch.float32)[:, None].expand(30, 8))
+    idx = torch.tensor([[3, 1, 4, 1], [0, 0, 2, 4]])
+    rows = small(idx)[..., 0].long()
+    expected = [[5 * 5 + 3, 3 * 5 + 1, 1 * 5 + 4, 4 * 5 + 1], [5 * 5 + 0, 0, 0 * 5 + 2, 2 * 5 + 4]]
+    assert rows.tolist() == expected
+    large = train_gpt.BigramEmbedding(train_gpt.GPTConfig(vocab_size=50304, real_vocab_size=50257, n_embd=8))
+    assert large.rows == train_gpt.BIGRAM_MAX_ROWS
+    idx = torch.tensor([[50256, 50256, 17, 50000]])
+    assert large(idx).shape == (1, 4, 8)  # every row index falls inside the table
+
+
+def test_smear_adds_the_gated_previous_embedding_in_float64():
+    smear = train_gpt.Smear(train_gpt.GPTConfig(n_embd=16)).double()
+    with torch.no_grad():
+        smear.gate.copy_(torch.linspace(-1, 1, 12, dtype=torch.float64))
+        smear.weight.fill_(0.7)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    expected = x.clone()
+    for t in range(1, 5):
+        gate = 0.7 / (1 + torch.exp(-(x[:, t, :12] @ smear.gate)))
+        expected[:, t] += gate[:, None] * x[:, t - 1]
+    assert torch.allclose(smear(x), expected, atol=1e-12, rtol=0)
+
+
 # --- multi-token prediction
 
 def test_mtp_heads_score_their_own_predictions():

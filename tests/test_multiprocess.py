@@ -1,6 +1,6 @@
 """The multi-process path on the CPU: any process count that can share the batch gives the single-process losses,
 the README's torchrun commands run as written (Gloo), the loader says when data repeats, and gpt2_124m runs end
-to end through compile, bf16, GQA and MTP."""
+to end through compile, bf16, GQA, MTP and the optional model pieces."""
 import os
 import re
 import shlex
@@ -118,11 +118,13 @@ def test_readme_check_commands_run_as_written(workdir, prefix):
 
 
 def test_three_processes_match_one_process(workdir):
+    """With the optional model pieces on, which must work under torchrun like the rest."""
+    pieces = ["--bigram_embed", "True", "--embed_shortcut", "True", "--smear", "True"]
     command = ["torchrun", "--standalone", "--nproc_per_node=3", "train_gpt.py", "--preset", "shakespeare_char",
-               "--device", "cpu", *SHORT, "--log_dir", str(workdir / "three")]
+               "--device", "cpu", *SHORT, *pieces, "--log_dir", str(workdir / "three")]
     out = finish(run(command, workdir))
     assert "3 process(es) x 1 micro-batch(es) x 16 sequences" in out
-    assert_same_losses(single_process(workdir), read_metrics(str(workdir / "three")))
+    assert_same_losses(single_process(workdir, *pieces), read_metrics(str(workdir / "three")))
 
 
 def test_readme_multi_node_command_as_two_nodes_on_one_machine(workdir):
@@ -153,10 +155,12 @@ def test_the_log_says_when_another_pass_over_the_data_begins(tmp_path, char_data
 
 # --- MFU counts what the step computes
 
-@pytest.mark.parametrize("mtp_steps, n_kv_head, tie", [(1, 4, False), (3, 2, False), (1, 4, True)])
-def test_flops_per_token_matches_torch_flop_counter(mtp_steps, n_kv_head, tie):
+@pytest.mark.parametrize("mtp_steps, n_kv_head, tie, pieces", [(1, 4, False, False), (3, 2, False, False),
+                                                                 (1, 4, True, False), (2, 2, False, True)])
+def test_flops_per_token_matches_torch_flop_counter(mtp_steps, n_kv_head, tie, pieces):
     cfg = train_gpt.GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64,
-                              mtp_steps=mtp_steps, tie_embeddings=tie, pos_emb="learned" if tie else "rope")
+                              mtp_steps=mtp_steps, tie_embeddings=tie, pos_emb="learned" if tie else "rope",
+                              bigram_embed=pieces, embed_shortcut=pieces, smear=pieces)
     model = train_gpt.GPT(cfg)
     x = torch.randint(0, 128, (2, 32))
     y = torch.randint(0, 128, (mtp_steps, 2, 32))
@@ -185,6 +189,7 @@ def test_gpt2_124m_dress_rehearsal_on_cpu(tmp_path):
         "--grad_accum_steps", "1", "--block_size", "256", "--max_iters", "5", "--eval_interval", "5",
         "--log_interval", "1", "--warmdown_iters", "2", "--val_tokens", "512", "--timing_warmup_steps", "1", "--compile", "True",
         "--precision", precision, "--n_kv_head", "4", "--mtp_steps", "2", "--log_dir", logs,
+        "--bigram_embed", "True", "--embed_shortcut", "True", "--smear", "True",
         "--input_bin", str(data / "train_000001.bin"), "--input_val_bin", str(data / "val_000000.bin")])
     rows = read_metrics(logs)
     assert result["steps"] == 5 and len([r for r in rows if "train_loss" in r]) == 5

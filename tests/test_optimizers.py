@@ -492,7 +492,9 @@ def test_gated_step_is_the_plain_step_or_no_change_without_copying_state(make, m
 
 @pytest.mark.parametrize("flags", [["--recipe", "speedrun", "--mtp_steps", "3", "--n_kv_head", "2"],
                                    ["--recipe", "classic"], ["--recipe", "classic", "--optimizer", "adafactor"],
-                                   ["--recipe", "speedrun", "--optimizer", "adamsn", "--bias", "True"]])
+                                   ["--recipe", "speedrun", "--optimizer", "adamsn", "--bias", "True"],
+                                   ["--recipe", "speedrun", "--bigram_embed", "True", "--embed_shortcut", "True",
+                                    "--smear", "True"]])
 def test_every_parameter_is_in_exactly_one_optimizer_group(flags):
     cfg = train_gpt.resolve_config(["--device", "cpu", "--run_id", "roles", *flags])
     model = train_gpt.GPT(train_gpt.gpt_config(cfg, 65))
@@ -505,12 +507,12 @@ def test_every_parameter_is_in_exactly_one_optimizer_group(flags):
 def test_a_new_matrix_goes_where_its_declared_role_says_never_to_muon_unasked():
     cfg = train_gpt.resolve_config(["--device", "cpu", "--run_id", "roles", "--embed_lr", "0.3"])
     model = train_gpt.GPT(train_gpt.gpt_config(cfg, 65))
-    model.bigram = torch.nn.Embedding(65 * 65, cfg.n_embd)  # a new table, its role forgotten
-    with pytest.raises(ValueError, match=r"parameter bigram.weight \(4225, 128\) declares no optimizer role"):
+    model.trigram = torch.nn.Embedding(65 * 65, cfg.n_embd)  # a new table, its role forgotten
+    with pytest.raises(ValueError, match=r"parameter trigram.weight \(4225, 128\) declares no optimizer role"):
         train_gpt.param_groups_for(model)
-    model.bigram = train_gpt.with_role(torch.nn.Embedding(65 * 65, cfg.n_embd), "embedding")
+    model.trigram = train_gpt.with_role(torch.nn.Embedding(65 * 65, cfg.n_embd), "embedding")
     muon, adamw = train_gpt.build_optimizers(model, cfg, torch.device("cpu"))
-    table = model.bigram.weight
+    table = model.trigram.weight
     assert all(p is not table for group in muon.param_groups for p in group["params"])
     group = next(g for g in adamw.param_groups if any(p is table for p in g["params"]))
     assert group["lr"] == 0.3 and group["params"][0] is model.wte.weight
