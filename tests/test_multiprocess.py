@@ -187,7 +187,8 @@ def test_gpt2_124m_dress_rehearsal_on_cpu(tmp_path):
     result = train_gpt.main([
         "--preset", "gpt2_124m", "--device", "cpu", "--n_layer", "2", "--n_embd", "192", "--batch_size", "2",
         "--grad_accum_steps", "1", "--block_size", "256", "--max_iters", "5", "--eval_interval", "5",
-        "--log_interval", "1", "--warmdown_iters", "2", "--val_tokens", "512", "--timing_warmup_steps", "1", "--compile", "True",
+        "--log_interval", "1", "--warmdown_iters", "2", "--val_tokens", "512", "--timing_warmup_steps", "1",
+        "--compile", "True",
         "--precision", precision, "--n_kv_head", "4", "--mtp_steps", "2", "--log_dir", logs,
         "--bigram_embed", "True", "--embed_shortcut", "True", "--smear", "True",
         "--input_bin", str(data / "train_000001.bin"), "--input_val_bin", str(data / "val_000000.bin")])
