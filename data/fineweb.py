@@ -221,6 +221,8 @@ def main(argv=None):
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers}: must be at least 1")
     check_inputs(args.input)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UsageError(f"--out_dir {args.out_dir} is a file, not a folder: give a folder for the shards")
     old = existing_shards(args.out_dir)
     if old and not args.overwrite:
         raise UsageError(f"{args.out_dir} already holds {len(old)} shards ({os.path.basename(old[0])}, ...); "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -123,8 +124,29 @@ def plot_curves(curves: list[dict], out_path, target: float | None = None, group
         fig.suptitle(title)
     fig.tight_layout()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
+    tmp = f"{out_path}.tmp{os.getpid()}{Path(out_path).suffix}"  # written whole, then renamed: never a partial image
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, out_path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+FORMATS = (".png", ".pdf", ".svg")
+
+
+def output_problem(out_path: str) -> str | None:
+    """Why the figure cannot be written at out_path (one line), or None."""
+    path = Path(out_path)
+    if path.is_dir():
+        return f"-o {out_path} is a folder: give a file name, e.g. {path / 'curves.png'}"
+    if path.suffix.lower() not in FORMATS:
+        return f"-o {out_path}: give a file ending in {', '.join(FORMATS)}"
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"-o {out_path}: {parent} is a file, not a folder"
+    return None
 
 
 def main(argv=None) -> int:
@@ -138,6 +160,10 @@ def main(argv=None) -> int:
                     help="one colour and legend entry per value of this log header key (e.g. recipe)")
     ap.add_argument("--title", default=None, help="figure title")
     args = ap.parse_args(argv)
+    problem = output_problem(args.output)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         curves = [load_curve(p) for p in args.logs]
         if args.group_by:

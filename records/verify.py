@@ -936,9 +936,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.reproduce is not None and args.reproduce < 1:
         ap.error("--reproduce N needs N >= 1 (the number of steps to re-run)")
+    if args.tolerance is not None and not 0 <= args.tolerance < math.inf:
+        ap.error(f"--tolerance {args.tolerance}: give a finite number >= 0")
+    if args.target is not None and not 0 <= args.target < math.inf:
+        ap.error(f"--target {args.target}: give a finite val loss >= 0")
     missing = next((path for path in args.logs if not Path(path).is_file()), None)
     if missing is not None:
-        print(f"error: {missing}: no such file; pass run logs such as logs/<run_id>.txt", file=sys.stderr)
+        what = "is a folder" if Path(missing).is_dir() else "no such file"
+        print(f"error: {missing}: {what}; pass run logs such as logs/<run_id>.txt", file=sys.stderr)
         return 2
     if args.metrics_dir is not None and not Path(args.metrics_dir).is_dir():
         print(f"error: --metrics_dir {args.metrics_dir}: no such folder; pass the log folder, e.g. logs",

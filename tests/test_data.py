@@ -171,10 +171,12 @@ def test_shakespeare_offline_download_suggests_input(tmp_path, monkeypatch):
 def test_shakespeare_bad_inputs(tmp_path):
     with pytest.raises(train_gpt.UsageError, match="no such file"):
         shakespeare.main(["--source", "tinyshakespeare", "--input", str(tmp_path / "missing.txt")])
-    (tmp_path / "short.txt").write_text("a", encoding="utf-8")
-    with pytest.raises(train_gpt.UsageError, match="too few"):
-        shakespeare.main(["--source", "tinyshakespeare", "--input", str(tmp_path / "short.txt"),
-                          "--out_dir", str(tmp_path / "out")])
+    for text in ("a", "to be or not " * 40):  # 520 characters: a 52-character val split, under one window
+        (tmp_path / "short.txt").write_text(text, encoding="utf-8")
+        with pytest.raises(train_gpt.UsageError, match="too few to split 90/10"):
+            shakespeare.main(["--source", "tinyshakespeare", "--input", str(tmp_path / "short.txt"),
+                              "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_play_text_strips_markdown():
@@ -282,6 +284,13 @@ def test_tokenize_bad_inputs(tmp_path):
     train_gpt.write_shard(str(tmp_path / "out" / "train_000007.bin"), [1, 2, 3])
     with pytest.raises(train_gpt.UsageError, match="--overwrite"):
         tokenize_script.main(["--input", str(field), "--out_dir", str(tmp_path / "out")])
+
+
+def test_tokenizing_into_a_file_is_refused(tmp_path):
+    (tmp_path / "doc.txt").write_text("to be or not to be\n")
+    (tmp_path / "out").write_text("")
+    with pytest.raises(train_gpt.UsageError, match="--out_dir .*out is a file, not a folder"):
+        tokenize_script.main(["--input", str(tmp_path / "doc.txt"), "--out_dir", str(tmp_path / "out")])
 
 
 def test_an_empty_text_file_is_no_document(tmp_path):

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import train_gpt
 from conftest import ROOT, make_char_data, tiny_args
@@ -44,6 +45,15 @@ def finished_run(tmp_path_factory):
     (dict(beta2=-0.1), "must be in [0, 1)"),
     (dict(weight_decay=-1), "--weight_decay must be >= 0"),
     (dict(target_val_loss=-1), "--target_val_loss must be >= 0 (0: no target)"),
+    (dict(learning_rate="nan"), "--learning_rate nan: give a finite number"),
+    (dict(recipe="speedrun", muon_lr="nan"), "--muon_lr nan: give a finite number"),
+    (dict(weight_decay="nan"), "--weight_decay nan: give a finite number"),
+    (dict(learning_rate="inf"), "--learning_rate inf: give a finite number"),
+    (dict(target_val_loss="nan"), "--target_val_loss nan: give a finite number"),
+    (dict(grad_clip=-1), "--grad_clip and --max_data_passes must be >= 0"),
+    (dict(max_data_passes=-1), "--grad_clip and --max_data_passes must be >= 0"),
+    (dict(seed=-1), "--seed -1: give a seed from 0 to 4294967295"),
+    (dict(seed=2 ** 70), "--seed 1180591620717411303424: give a seed from 0 to 4294967295"),
 ])
 def test_impossible_values_are_refused(tmp_path, char_data, overrides, message):
     with pytest.raises(train_gpt.UsageError) as err:
@@ -273,3 +283,53 @@ def test_a_sigterm_to_torchrun_stops_the_job_with_how_to_resume(tmp_path, char_d
     assert len(ours) == 1 and ours[0].startswith("error: stopped by a SIGTERM at step:"), err
     assert ours[0].endswith("resume with the same command and --resume auto --run_id term"), err
     assert "[rank" not in err, err
+
+
+def damage(checkpoint, out, **fields):
+    """The checkpoint with fields replaced, as if its run had stopped at step 2."""
+    payload = torch.load(checkpoint, weights_only=True)
+    payload.update(dict(step=2, finished=False), **fields)
+    torch.save(payload, out)
+    return str(out)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("step", 50, "step 50 is not in [0, --max_iters 4)"),
+    ("step", -3, "step -3 is not in [0, --max_iters 4)"),
+    ("loader", None, "loader None is no position in the 1 training shard(s)"),
+    ("loader", {"shard": 7, "position": 0, "epoch": 0}, "is no position in the 1 training shard(s)"),
+    ("rng", "bytes", "rng state"),
+    ("model", "cut", "the model's tensors are not this model's names and shapes"),
+    ("optimizers", "cut", "the checkpoint is damaged (")])
+def test_a_damaged_checkpoint_is_refused_in_one_line_and_writes_nothing(finished_run, tmp_path, field, value,
+                                                                       message):
+    data, logs, run_id = finished_run
+    checkpoint = sorted(glob.glob(os.path.join(logs, run_id, "checkpoint_*.pt")))[0]
+    payload = torch.load(checkpoint, weights_only=True)
+    if value == "bytes":
+        value = torch.zeros(3, dtype=torch.uint8)
+    elif field == "model":
+        value = dict(payload["model"], **{"lm_head.weight": payload["model"]["lm_head.weight"][:3]})
+    elif field == "optimizers":
+        value = [{"state": {}, "param_groups": []}]
+    path = damage(checkpoint, tmp_path / "damaged.pt", **{field: value})
+    new_logs = str(tmp_path / "logs")
+    result = cli(tiny_args(data, new_logs, run_id="again", max_iters=4, eval_interval=2, warmdown_iters=2) +
+                 ["--resume", path])
+    assert_one_line(result, 2, message)
+    assert "resume from an earlier one or start anew" in result.stderr
+    assert not os.path.exists(os.path.join(new_logs, "again.txt"))
+
+
+def test_a_dangling_shard_link_is_named(tmp_path, char_data):
+    os.symlink(tmp_path / "gone.bin", os.path.join(char_data, "train_000001.bin"))
+    result = cli(tiny_args(char_data, str(tmp_path / "logs")))
+    assert_one_line(result, 2, "train_000001.bin is a link to ")
+    assert "which does not exist: restore the shard or remove the link" in result.stderr
+
+
+def test_sampling_refuses_a_temperature_that_is_not_finite(finished_run):
+    _, logs, run_id = finished_run
+    for temperature in ("nan", "inf"):
+        result = cli(["--sample", os.path.join(logs, run_id, "model.pt"), "--temperature", temperature])
+        assert_one_line(result, 2, "--temperature (finite)")

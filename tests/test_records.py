@@ -269,6 +269,16 @@ def test_missing_file_refused(tmp_path):
     assert_refused(tmp_path / "nope.txt", "cannot read")
     r = run_script(VERIFY, tmp_path / "nope.txt")
     assert r.returncode == 2 and "nope.txt: no such file" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = run_script(VERIFY, tmp_path)
+    assert r.returncode == 2 and f"{tmp_path}: is a folder" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, message", [(["--tolerance", "nan"], "--tolerance nan: give a finite number >= 0"),
+                                            (["--tolerance", "-1"], "--tolerance -1.0: give a finite number >= 0"),
+                                            (["--target", "nan"], "--target nan: give a finite val loss >= 0")])
+def test_verify_refuses_numbers_that_cannot_be_a_bound(tmp_path, flags, message):
+    r = run_script(VERIFY, write_log(tmp_path), *flags)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and message in r.stderr, r.stderr
 
 
 def test_target_override_is_the_t_test_target(tmp_path):
@@ -394,6 +404,19 @@ def test_plot_missing_file_exit_2(tmp_path):
     r = run_script(PLOT, tmp_path / "missing.txt", "-o", tmp_path / "x.png")
     assert r.returncode == 2
     assert "missing.txt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("output, message", [
+    ("folder", "is a folder: give a file name, e.g. "), ("curves.txt", "give a file ending in .png, .pdf, .svg"),
+    ("noext", "give a file ending in .png"), ("afile/x.png", "afile is a file, not a folder")])
+def test_plot_refuses_an_output_it_cannot_write_as_named(tmp_path, output, message):
+    paths = three_logs(tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run_script(PLOT, *paths, "-o", tmp_path / output)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not any((tmp_path / "folder").iterdir())
 
 
 def test_plot_no_val_lines_exit_2(tmp_path):
