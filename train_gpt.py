@@ -199,8 +199,9 @@ PRESETS = {
         max_iters=2000, dropout=0.0, eval_interval=100, log_interval=50, target_val_loss=1.90,
         # all of tinyshakespeare's val split, the first quarter of the complete plays' (README, Presets)
         val_tokens=131_072,
+        # the bigram table: measured on these texts only (README, Model pieces)
         recipes={"speedrun": dict(batch_size=48, max_iters=110, compile=True, learning_rate=0.012, muon_lr=0.035,
-                                  embed_lr=0.1, head_lr=0.024, eval_interval=10)}),
+                                  embed_lr=0.1, head_lr=0.024, eval_interval=10, bigram_embed=True)}),
     # GPT-2 small on FineWeb10B: the NanoGPT speedrun's track 1
     "gpt2_124m": GPT2_124M,
     # the same model on one GPU: smaller micro-batches, the first 1,048,576 val tokens

@@ -97,6 +97,10 @@ ABLATIONS = {
     "no_softcap": ["--logit_softcap", "0"],
     "adamw": ["--optimizer", "adamw"],
     "cosine_schedule": ["--schedule", "cosine"],
+    "no_bigram_embed": ["--bigram_embed", "False"],
+    # pieces tried and not adopted: the speedrun with one of them switched on
+    "with_embed_shortcut": ["--embed_shortcut", "True"],
+    "with_smear": ["--smear", "True"],
 }
 
 # speedrun settings that ablation rows put back, one row each: to the preset's (the preset's batch runs the same
