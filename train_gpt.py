@@ -1865,8 +1865,8 @@ class Trainer:
         """What in a checkpoint of this run's model and code cannot be what a run saved (an edited or corrupted
         file), or None: the step, time and loader position in range, the model's tensors and the RNG state."""
         step, loader = payload["step"], payload["loader"]
-        if not (isinstance(step, int) and 0 <= step < self.cfg.max_iters):
-            return f"step {step!r} is not in [0, --max_iters {self.cfg.max_iters})"
+        if not (isinstance(step, int) and 0 <= step <= self.cfg.max_iters):
+            return f"step {step!r} is not in [0, --max_iters {self.cfg.max_iters}]"
         if not (isinstance(payload["train_time_ms"], (int, float)) and 0 <= payload["train_time_ms"] < math.inf):
             return f"train_time_ms {payload['train_time_ms']!r}"
         if not (isinstance(loader, dict) and set(loader) == {"shard", "position", "epoch"}

@@ -52,8 +52,7 @@ import urllib.request  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from train_gpt import (MAX_MTP_STEPS, PRESETS, OneLineParser, UsageError, gpt2_encoding, run_cli,  # noqa: E402
-                       write_shard)
+from train_gpt import OneLineParser, UsageError, run_cli, gpt2_encoding, write_shard  # noqa: E402
 
 TINY_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_CHARS = 1115394
@@ -150,10 +149,8 @@ def encode_chars(text, chars):
 def build(text, mode, out_dir, source):
     """Splits, encodes and writes the shards and meta.json; returns the summary figures."""
     train_text, val_text = split_text(text)
-    window = PRESETS["shakespeare_char"]["block_size"] + MAX_MTP_STEPS  # one window of the preset's context
-    if len(val_text) < window:
-        raise UsageError(f"the text has {len(text)} characters, too few to split 90/10 into train and val: the val "
-                         f"split would hold {len(val_text)}, fewer than one {window}-character window")
+    if not train_text or not val_text:
+        raise UsageError(f"the text has {len(text)} characters, too few to split 90/10 into train and val")
     if mode == "char":
         chars = char_vocab(text)
         if len(chars) > 2 ** 16:

@@ -294,8 +294,8 @@ def damage(checkpoint, out, **fields):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("step", 50, "step 50 is not in [0, --max_iters 4)"),
-    ("step", -3, "step -3 is not in [0, --max_iters 4)"),
+    ("step", 50, "step 50 is not in [0, --max_iters 4]"),
+    ("step", -3, "step -3 is not in [0, --max_iters 4]"),
     ("loader", None, "loader None is no position in the 1 training shard(s)"),
     ("loader", {"shard": 7, "position": 0, "epoch": 0}, "is no position in the 1 training shard(s)"),
     ("rng", "bytes", "rng state"),
