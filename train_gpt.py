@@ -584,6 +584,28 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 
 
+def atomic_write(path, write):
+    """Has write(tmp) write a file beside path, then renames it to path: the file is whole or absent, and a failed
+    write (a crash, a full disk) leaves no partial file behind. Every file a run or a tool finishes goes through it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj, **dump_options):
+    """obj as indented JSON and a final newline, through atomic_write (the data scripts' meta.json)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, **dump_options)
+            f.write("\n")
+    atomic_write(path, write)
+
+
 def write_shard(path, tokens):
     """Writes tokens (ids < 65536) as one shard, atomically: a crash never leaves a half-written shard."""
     tokens = np.asarray(tokens)
@@ -591,11 +613,12 @@ def write_shard(path, tokens):
         "shard tokens must be a 1-D array of ids in [0, 65535]"
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(np.uint16).tobytes())
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype(np.uint16).tobytes())
+    atomic_write(path, write)
 
 
 def read_shard(path):
@@ -1961,15 +1984,8 @@ def start_wandb(cfg, log):
 
 
 def atomic_save(obj, path):
-    """torch.save to path whole or not at all: a failed write (a full disk) leaves no partial file behind."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    """torch.save to path whole or not at all (atomic_write)."""
+    atomic_write(path, functools.partial(torch.save, obj))
 
 
 class RunLog:

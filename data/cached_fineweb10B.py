@@ -28,12 +28,11 @@ REPO_ROOT = os.path.dirname(DATA_DIR)
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 
-from train_gpt import PRESETS, OneLineParser, UsageError, run_cli, read_shard  # noqa: E402
+from train_gpt import PRESETS, OneLineParser, UsageError, run_cli, read_shard, write_json  # noqa: E402
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 MAX_TRAIN_SHARDS = 103
@@ -133,11 +132,7 @@ def fetch(names, out_dir, download=hf_download, log=print):
 
 def write_meta(out_dir):
     path = os.path.join(out_dir, "meta.json")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"tokenizer": "gpt2", "vocab_size": 50257, "source": f"huggingface.co/datasets/{REPO_ID}"}, f)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, {"tokenizer": "gpt2", "vocab_size": 50257, "source": f"huggingface.co/datasets/{REPO_ID}"})
     return path
 
 

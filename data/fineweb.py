@@ -40,7 +40,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from train_gpt import OneLineParser, UsageError, run_cli, gpt2_encoding, write_shard  # noqa: E402
+from train_gpt import OneLineParser, UsageError, run_cli, gpt2_encoding, write_json, write_shard  # noqa: E402
 
 EOT = 50256  # <|endoftext|>
 BATCH_DOCS = 256  # documents handed to the pool at a time: the next batch is read while this one is encoded
@@ -186,11 +186,7 @@ def tokenize(paths, out_dir, shard_size, workers, field="text", progress=True):
 def write_meta(out_dir, paths):
     meta = {"tokenizer": "gpt2", "vocab_size": 50257, "source": [os.path.abspath(p) for p in paths]}
     path = os.path.join(out_dir, "meta.json")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, meta, indent=1)
     return path
 
 

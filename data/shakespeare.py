@@ -45,14 +45,13 @@ if REPO_ROOT not in sys.path:
 import glob  # noqa: E402
 import html  # noqa: E402
 import importlib.util  # noqa: E402
-import json  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from train_gpt import OneLineParser, UsageError, run_cli, gpt2_encoding, write_shard  # noqa: E402
+from train_gpt import OneLineParser, UsageError, run_cli, gpt2_encoding, write_json, write_shard  # noqa: E402
 
 TINY_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_CHARS = 1115394
@@ -168,11 +167,7 @@ def build(text, mode, out_dir, source):
              "meta": os.path.join(out_dir, "meta.json")}
     write_shard(paths["train"], train_ids)
     write_shard(paths["val"], val_ids)
-    tmp = paths["meta"] + f".tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-    os.replace(tmp, paths["meta"])
+    write_json(paths["meta"], meta, ensure_ascii=False, indent=1)
     return {"chars": (len(train_text), len(val_text)), "tokens": (len(train_ids), len(val_ids)),
             "vocab_size": meta["vocab_size"], "paths": paths}
 

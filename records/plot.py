@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from verify import parse_log, header_float  # noqa: E402
+from train_gpt import atomic_write  # noqa: E402  (verify puts the root on the path)
 
 
 class PlotError(Exception):
@@ -124,13 +124,10 @@ def plot_curves(curves: list[dict], out_path, target: float | None = None, group
         fig.suptitle(title)
     fig.tight_layout()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{out_path}.tmp{os.getpid()}{Path(out_path).suffix}"  # written whole, then renamed: never a partial image
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, out_path)
+    try:  # the format named, since the temporary file's name does not end in it
+        atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(out_path).suffix[1:].lower()))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 FORMATS = (".png", ".pdf", ".svg")

@@ -10,7 +10,6 @@ they are defined. Any refusal is one line on stderr and exit code 2, and leaves 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import re

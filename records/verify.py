@@ -668,10 +668,9 @@ def known_sources() -> dict[str, tuple[str, str]]:
     for text, where in _git_versions().items():
         found.setdefault(text, where)
     for log in sorted((ROOT / "records").rglob("*.txt")):
-        text = log.read_text(encoding="utf-8", errors="replace")
-        if "\n" + train_gpt.LOG_SEPARATOR + "\n" in text:
-            found.setdefault(text.split("\n" + train_gpt.LOG_SEPARATOR + "\n")[0] + "\n",
-                             f"the source of {log.relative_to(ROOT)}")
+        source = parse_log(log.read_text(encoding="utf-8", errors="replace"))["source"]
+        if source is not None:  # a text that is no log has none
+            found.setdefault(source, f"the source of {log.relative_to(ROOT)}")
     return {hashlib.sha256(text.encode("utf-8")).hexdigest(): (where, text) for text, where in found.items()}
 
 

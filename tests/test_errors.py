@@ -243,23 +243,34 @@ def rank_pid(run_id, rank):
     return None
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker's pid in /proc")
-@pytest.mark.parametrize("killed", [0, 1])
-def test_a_killed_rank_is_named_in_one_line_with_the_checkpoint_to_resume(tmp_path, char_data, killed):
+def torchrun_until_checkpoint(char_data, tmp_path, run_id):
+    """A 2-process torchrun run that would go on for long, once its first checkpoint exists."""
     logs = str(tmp_path / "logs")
-    args = tiny_args(char_data, logs, run_id="lost", max_iters=100000, eval_interval=0, save_every=5)
+    args = tiny_args(char_data, logs, run_id=run_id, max_iters=100000, eval_interval=0, save_every=5)
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              os.path.join(ROOT, "train_gpt.py"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 180
-    while not glob.glob(os.path.join(logs, "lost", "checkpoint_*.pt")) and time.time() < deadline:
+    while not glob.glob(os.path.join(logs, run_id, "checkpoint_*.pt")) and time.time() < deadline:
         time.sleep(0.2)
+    return proc
+
+
+def error_lines_when_it_ends(proc):
+    """The job's stderr and its `error:` lines, once it has ended with a non-zero exit code."""
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    return err, [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker's pid in /proc")
+@pytest.mark.parametrize("killed", [0, 1])
+def test_a_killed_rank_is_named_in_one_line_with_the_checkpoint_to_resume(tmp_path, char_data, killed):
+    proc = torchrun_until_checkpoint(char_data, tmp_path, "lost")
     pid = rank_pid("lost", killed)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    ours = [line for line in err.splitlines() if line.startswith("error:")]
+    err, ours = error_lines_when_it_ends(proc)
     assert len(ours) == 1 and ours[0].startswith(f"error: rank {killed} was lost at step:"), err
     checkpoint = ours[0].split("the last checkpoint is ")[1].split(": resume")[0]
     assert os.path.exists(checkpoint) and ours[0].endswith("resume with the same command and --resume auto "
@@ -268,18 +279,9 @@ def test_a_killed_rank_is_named_in_one_line_with_the_checkpoint_to_resume(tmp_pa
 
 
 def test_a_sigterm_to_torchrun_stops_the_job_with_how_to_resume(tmp_path, char_data):
-    logs = str(tmp_path / "logs")
-    args = tiny_args(char_data, logs, run_id="term", max_iters=100000, eval_interval=0, save_every=5)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             os.path.join(ROOT, "train_gpt.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 180
-    while not glob.glob(os.path.join(logs, "term", "checkpoint_*.pt")) and time.time() < deadline:
-        time.sleep(0.2)
+    proc = torchrun_until_checkpoint(char_data, tmp_path, "term")
     proc.send_signal(signal.SIGTERM)  # what a scheduler does when it preempts the job; torchrun passes it on
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    ours = [line for line in err.splitlines() if line.startswith("error:")]
+    err, ours = error_lines_when_it_ends(proc)
     assert len(ours) == 1 and ours[0].startswith("error: stopped by a SIGTERM at step:"), err
     assert ours[0].endswith("resume with the same command and --resume auto --run_id term"), err
     assert "[rank" not in err, err
