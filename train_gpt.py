@@ -94,6 +94,10 @@ class Hyperparameters:
     input_bin: str = flag("data/shakespeare_char/train_*.bin", "glob of training shards")
     input_val_bin: str = flag("data/shakespeare_char/val_*.bin", "glob of validation shards")
     val_tokens: int = flag(10_485_760, "validation tokens per evaluation (capped to the val split)")
+    val_screen_tokens: int = flag(0, "with a target: first score this many val tokens, spread evenly over the val "
+                                  "set, and skip the rest when they are above the target by more than "
+                                  "val_screen_margin (0, or more than half of the val set: off)")
+    val_screen_margin: float = flag(0.06, "how far above the target a screen must be to skip the rest")
     max_data_passes: float = flag(0.0, "refuse a run whose max_iters would read the train shards more often (0: any)")
     # model
     n_layer: int = model_flag(4)
@@ -197,8 +201,9 @@ PRESETS = {
         input_bin="data/shakespeare_char/train_*.bin", input_val_bin="data/shakespeare_char/val_*.bin",
         n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, grad_accum_steps=1,
         max_iters=2000, dropout=0.0, eval_interval=100, log_interval=50, target_val_loss=1.90,
-        # all of tinyshakespeare's val split, the first quarter of the complete plays' (README, Presets)
-        val_tokens=131_072,
+        # all of tinyshakespeare's val split, the first quarter of the complete plays'; a screen of an eighth of
+        # it, whose spread is a quarter of the margin (README, Presets)
+        val_tokens=131_072, val_screen_tokens=16_384,
         # the bigram table: measured on these texts only (README, Model pieces)
         recipes={"speedrun": dict(batch_size=48, max_iters=110, compile=True, learning_rate=0.012, muon_lr=0.035,
                                   embed_lr=0.1, head_lr=0.024, eval_interval=10, bigram_embed=True)}),
@@ -553,6 +558,9 @@ def validate_config(cfg):
         raise UsageError(f"--mtp_steps must be 1 to {MAX_MTP_STEPS} (predict t+1..t+N), got {cfg.mtp_steps}")
     if cfg.mtp_weight < 0 or cfg.mtp_rampup_steps < 0:
         raise UsageError("--mtp_weight and --mtp_rampup_steps must be non-negative")
+    if cfg.val_screen_tokens < 0 or cfg.val_screen_margin < 0:
+        raise UsageError(f"--val_screen_tokens {cfg.val_screen_tokens} and --val_screen_margin "
+                         f"{cfg.val_screen_margin} must be >= 0 (--val_screen_tokens 0: no screen)")
     if cfg.val_tokens < cfg.block_size:
         raise UsageError(f"--val_tokens {cfg.val_tokens} is less than one window of --block_size {cfg.block_size} "
                          "tokens: validation would score nothing; give at least block_size")
@@ -799,8 +807,9 @@ class DistributedDataLoader:
 
 class ValidationSet:
     """The first val_tokens tokens of the val split as fixed windows of block_size tokens (plus up to mtp_steps
-    extra targets). Window j goes in global batch j // B, and batch i is evaluated by rank i % world_size, so the set
-    of windows, and the val loss, does not depend on the number of processes."""
+    extra targets). Of the windows given (default all, in order), window j goes in global batch j // B, and batch i
+    is evaluated by rank i % world_size, so the set of windows, and the val loss, does not depend on the number of
+    processes."""
 
     def __init__(self, pattern, batch_size, seq_len, val_tokens, vocab_size, mtp_steps=1):
         files = find_shards(pattern, "validation")
@@ -813,19 +822,27 @@ class ValidationSet:
         self.B, self.T, self.mtp_steps = batch_size, seq_len, mtp_steps
         self.n_tokens = self.n_windows * seq_len
 
-    def batches(self, rank, world_size):
-        """Yields (x, y, n_valid): padded final batch rows get target -1 (ignored)."""
+    def screen_split(self, n):
+        """[screen, rest]: n window indices spread evenly over the set (a sample of every part of the text, where
+        n consecutive windows would sample a few scenes), and the other windows."""
+        everything = np.arange(self.n_windows)
+        screen = everything[np.arange(n) * self.n_windows // n]
+        return [screen, np.setdiff1d(everything, screen)]
+
+    def batches(self, rank, world_size, windows=None):
+        """Yields (x, y, n_valid) for the given window indices: padded final batch rows get target -1 (ignored)."""
         B, T, mtp_steps = self.B, self.T, self.mtp_steps
-        n_batches = math.ceil(self.n_windows / B)
+        windows = np.arange(self.n_windows) if windows is None else windows
+        n_batches = math.ceil(len(windows) / B)
         for i in range(rank, n_batches, world_size):
-            rows = min(B, self.n_windows - i * B)
-            start = i * B * T
-            buf = torch.from_numpy(self.tokens[start:start + rows * T + mtp_steps].astype(np.int64))
+            picked = windows[i * B:(i + 1) * B]
+            rows = len(picked)
+            buf = torch.from_numpy(self.tokens[picked[:, None] * T + np.arange(T + mtp_steps)].astype(np.int64))
             x = torch.zeros(B, T, dtype=torch.long)
             y = torch.full((mtp_steps, B, T), -1, dtype=torch.long)
-            x[:rows] = buf[:rows * T].view(rows, T)
+            x[:rows] = buf[:, :T]
             for k in range(1, mtp_steps + 1):
-                y[k - 1, :rows] = buf[k:k + rows * T].view(rows, T)
+                y[k - 1, :rows] = buf[:, k:k + T]
             yield x, y, rows * T
 
 
@@ -1575,6 +1592,10 @@ class Trainer:
                                                   cfg.world_size, cfg.mtp_steps, seed=cfg.seed)
         self.val_set = ValidationSet(cfg.input_val_bin, cfg.micro_batch_size, cfg.block_size, cfg.val_tokens,
                                      self.meta["vocab_size"], cfg.mtp_steps)
+        # The windows a validation scores, in parts: all of them, or (with a target) a screen and the rest
+        screen = cfg.val_screen_tokens // cfg.block_size if cfg.target_val_loss > 0 else 0
+        self.val_parts = self.val_set.screen_split(screen) if 0 < screen <= self.val_set.n_windows // 2 else [None]
+        self.screen_tokens = screen * cfg.block_size if len(self.val_parts) > 1 else 0
         self.gcfg = gpt_config(cfg, self.meta["vocab_size"])
         self.memory_needed, self.memory_available, where = memory_fit(cfg, self.gcfg, self.device)
         if self.memory_available is not None and self.memory_needed > self.memory_available:
@@ -1587,7 +1608,7 @@ class Trainer:
         g = self.gcfg
         return dict(tokens_per_step=self.cfg.tokens_per_step, vocab_size=self.meta["vocab_size"],
                     padded_vocab_size=g.vocab_size, head_dim=g.n_embd // g.n_head, params=count_params(g),
-                    val_tokens_evaluated=self.val_set.n_tokens)
+                    val_tokens_evaluated=self.val_set.n_tokens, val_screen_tokens_evaluated=self.screen_tokens)
 
     def setup(self):
         """The heavy part, once every check has passed: model, optimizers, precision and the run's counters."""
@@ -1682,13 +1703,20 @@ class Trainer:
         bad = ~applied & (torch.ones_like(applied) if not self.scaler.is_enabled() else ~torch.isfinite(loss))
         return loss, grad_norm, bad
 
-    @torch.inference_mode()
     def evaluate(self):
-        """Mean next-token val loss (and each MTP offset's loss) over the fixed val tokens, over all ranks."""
+        """Mean next-token val loss (and each MTP offset's losses) over all the val windows, over all ranks."""
+        sums = sum(self.score(windows) for windows in self.val_parts)
+        values = (sums[:-1] / sums[-1]).tolist()
+        return values[0], values[1:]
+
+    @torch.inference_mode()
+    def score(self, windows):
+        """Summed next-token and MTP val losses and the token count (float64) over these val windows (None: all),
+        over all ranks."""
         self.eval_model.eval()
         n_aux = self.gcfg.mtp_steps - 1
         sums = torch.zeros(2 + n_aux, dtype=torch.float64, device=self.device)  # next-token, aux..., count
-        for x, y, n_valid in self.val_set.batches(self.rank, self.world_size):
+        for x, y, n_valid in self.val_set.batches(self.rank, self.world_size, windows):
             x, y = self.to_device(x), self.to_device(y)
             with self.autocast():
                 _, main, aux = self.eval_model(x, y)
@@ -1698,8 +1726,7 @@ class Trainer:
             sums[-1] += n_valid
         if self.world_size > 1:
             dist.all_reduce(sums)
-        values = (sums[:-1] / sums[-1]).tolist()
-        return values[0], values[1:]
+        return sums
 
     def warm_up(self):
         """Untimed steps (compilation, first kernels), then the run's state is put back as it was."""
@@ -1761,15 +1788,26 @@ class Trainer:
                     bad_steps=self.bad_steps)
 
     def validate(self):
-        """Logs the val loss at this step, keeps the best, and notes whether the target is reached."""
+        """Logs the val loss at this step, keeps the best, and notes whether the target is reached. With a screen
+        (val_parts), a validation before the last whose screen scores above the target by more than the margin
+        stops there: its line gives the screen's loss and screen_tokens, and it is no candidate for the best."""
         cfg, train_ms = self.cfg, self.clock.elapsed_ms
-        val_loss, aux = self.evaluate()
+        sums = self.score(self.val_parts[0])
+        screened = (self.screen_tokens and self.step < cfg.max_iters
+                    and (sums[0] / sums[-1]).item() > cfg.target_val_loss + cfg.val_screen_margin)
+        if not screened:
+            sums = sum((self.score(windows) for windows in self.val_parts[1:]), sums)
+        val_loss, *aux = (sums[:-1] / sums[-1]).tolist()
+        screen = dict(screen_tokens=self.screen_tokens) if screened else {}
         extra = "".join(f" val_mtp{k}:{v:.4f}" for k, v in enumerate(aux, start=2))
+        extra += "".join(f" {k}:{v}" for k, v in screen.items())
         avg = train_ms / self.step if self.step else float("nan")
         self.log(f"step:{self.step}/{cfg.max_iters} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
                  f"step_avg:{avg:.2f}ms{extra}")
-        self.metrics(step=self.step, val_loss=val_loss, val_aux=aux, train_time_ms=train_ms)
-        self.report(dict(val_loss=val_loss, **{f"val_mtp{k}": v for k, v in enumerate(aux, start=2)}))
+        self.metrics(step=self.step, val_loss=val_loss, val_aux=aux, train_time_ms=train_ms, **screen)
+        self.report(dict(val_loss=val_loss, **{f"val_mtp{k}": v for k, v in enumerate(aux, start=2)}, **screen))
+        if screened:
+            return val_loss
         if val_loss < self.best[0]:
             self.best = (val_loss, self.step)
         if cfg.target_val_loss > 0 and val_loss <= cfg.target_val_loss:
@@ -2134,7 +2172,8 @@ def check_main(cfg, rank, local_rank):
     say(f"check: training data {cfg.input_bin}: {len(trainer.train_loader.files)} shard(s), "
         f"{trainer.train_tokens:,} tokens; max_iters {cfg.max_iters} reads "
         f"{cfg.max_iters * cfg.tokens_per_step:,} ({trainer.data_passes:.2f} passes)")
-    say(f"check: validation data {cfg.input_val_bin}: {trainer.val_set.n_tokens:,} tokens evaluated")
+    screen = f", a screen of {trainer.screen_tokens:,} first" if trainer.screen_tokens else ""
+    say(f"check: validation data {cfg.input_val_bin}: {trainer.val_set.n_tokens:,} tokens evaluated{screen}")
     say(f"check: {describe_batch(cfg)}")
     say(f"check: model {describe_model(trainer.gcfg)}")
     available = (f" of {trainer.memory_available / 2**30:.1f} GiB"

@@ -207,7 +207,7 @@ def parse_run(log_path, metrics_path):
 
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    val = [r for r in rows if "val_loss" in r]
+    val = [r for r in rows if "val_loss" in r and "screen_tokens" not in r]  # a screen is no candidate for best
     train = [r for r in rows if "train_loss" in r]
     if not val:
         raise ValueError(f"{metrics_path}: no val rows")

@@ -8,7 +8,8 @@ Without --model it first trains what `./run.sh` trains on the CPU (the shakespea
 its target) into a temporary folder. The val split is cut into the windows validation scores (block_size tokens
 each, in order); for each subset size the windows are split into disjoint runs of consecutive windows, as
 --val_tokens takes the first ones, and the table gives the spread of those runs' mean losses and how far the first
-run (what --val_tokens N scores) lies from the whole split's loss.
+run (what --val_tokens N scores) lies from the whole split's loss. A second table does the same for screens
+(--val_screen_tokens): windows spread evenly over the val set, every k-th one, each offset a disjoint screen.
 """
 import argparse
 import os
@@ -24,6 +25,7 @@ sys.path.insert(0, ROOT)
 import train_gpt  # noqa: E402
 
 SIZES = [16_384, 32_768, 65_536, 131_072, 262_144]
+SCREEN_SIZES = [8_192, 16_384, 32_768]
 
 
 def train_reference(data, folder):
@@ -57,6 +59,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a model.pt (default: train run.sh's CPU run first)")
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "shakespeare_char"), help="the shards' folder")
+    parser.add_argument("--val_tokens", type=int, default=train_gpt.PRESETS["shakespeare_char"]["val_tokens"],
+                        help="the val set the screens sample (default: the shakespeare_char preset's)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         model = args.model or train_reference(args.data, folder)
@@ -73,6 +77,17 @@ def main(argv=None):
             continue
         print(f"| {size:,} | {len(means)} | {statistics.stdev(means):.4f} | "
               f"{max(abs(m - whole) for m in means):.4f} | {means[0] - whole:+.4f} |")
+    val_set = losses[:args.val_tokens // T]
+    scored = statistics.fmean(val_set)
+    print(f"\nscreens of the first {len(val_set) * T:,} tokens (--val_tokens, loss {scored:.4f}): every k-th window, "
+          "each offset a disjoint screen")
+    print("| screen tokens | disjoint screens | std of their losses | largest deviation | first screen - set |")
+    print("|---:|---:|---:|---:|---:|")
+    for size in SCREEN_SIZES:
+        k = len(val_set) // (size // T)
+        means = [statistics.fmean(val_set[offset::k]) for offset in range(k)]
+        print(f"| {size:,} | {k} | {statistics.stdev(means):.4f} | {max(abs(m - scored) for m in means):.4f} | "
+              f"{means[0] - scored:+.4f} |")
     return 0
 
 

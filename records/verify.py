@@ -10,7 +10,8 @@ train_gpt.py, one of its git versions, or a record's); another is refused with a
 
 A log is accepted when its embedded source hashes to its `code_sha256:` line, every step line parses, train_time
 never decreases, the train and val lines sit exactly on the log_interval / eval_interval grid up to where the run
-stopped, the outcome line agrees with the val lines, and (where logs/<run_id>/metrics.jsonl is given or found
+stopped, the outcome line agrees with the val lines (a val line with screen_tokens scored only the screen, so
+it is never the best), and (where logs/<run_id>/metrics.jsonl is given or found
 beside the log) every printed loss and train_time is its full-precision value rounded to the printed digits.
 
 The statistics follow records/README.md: a record runs its whole max_iters budget and its mean final val loss must
@@ -404,11 +405,12 @@ def _check_outcome(parsed: dict, vals: list[dict], grid: dict, target: float) ->
         best_value = _parse_float(best)
     except ValueError:
         return f"line {final['lineno']}: unparseable best val_loss {best!r}"
-    for e in vals:
+    full = [e for e in vals if "screen_tokens" not in e["extra"]]  # a screen's loss is no candidate for the best
+    for e in full:
         if e["loss"] < best_value:
             return (f"line {e['lineno']}: val_loss {e['loss_str']} at step:{e['step']} is below the best val_loss "
                     f"{best} that the outcome line (line {final['lineno']}) reports")
-    if not any(e["loss"] == best_value and e["step"] == final["step"] for e in vals):
+    if not any(e["loss"] == best_value and e["step"] == final["step"] for e in full):
         return (f"line {final['lineno']}: the outcome line's best val_loss {best} at step:{final['step']} is not "
                 "what any val line printed")
     return None

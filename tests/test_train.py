@@ -91,6 +91,62 @@ def test_val_set_is_the_same_for_any_world_size(char_data):
     assert sorted(one.tolist()) == sorted(two[0].tolist() + two[1].tolist())
 
 
+def test_a_screen_is_windows_spread_over_the_set_and_the_rest_completes_it(char_data):
+    meta = train_gpt.load_meta(os.path.join(char_data, "train_*.bin"))
+    val = train_gpt.ValidationSet(os.path.join(char_data, "val_*.bin"), 3, 16, 10_000, meta["vocab_size"], 2)
+    screen, rest = val.screen_split(8)
+    assert len(screen) == 8 and sorted([*screen, *rest]) == list(range(val.n_windows))
+    assert max(np.diff(screen)) - min(np.diff(screen)) <= 1 and screen[-1] >= val.n_windows - val.n_windows // 8 - 1
+    tokens = torch.from_numpy(np.asarray(val.tokens).astype(np.int64))
+    x = torch.cat([x[:n // 16] for x, _, n in val.batches(0, 1, screen)])
+    y = torch.cat([y[:, :n // 16] for _, y, n in val.batches(0, 1, screen)], dim=1)
+    for row, j in enumerate(screen):
+        assert torch.equal(x[row], tokens[j * 16:(j + 1) * 16])
+        assert torch.equal(y[1, row], tokens[j * 16 + 2:(j + 1) * 16 + 2])  # the second MTP offset's targets
+
+
+def test_a_screen_scores_the_mean_loss_of_its_windows_in_float64(tmp_path, char_data):
+    args = tiny_args(char_data, str(tmp_path), val_screen_tokens=128, target_val_loss=1.0)
+    trainer = train_gpt.Trainer(train_gpt.resolve_config(args))
+    trainer.setup()
+    screen = trainer.val_parts[0]
+    sums = trainer.score(screen)
+    model = trainer.raw_model.double().eval()
+    tokens = torch.from_numpy(np.asarray(trainer.val_set.tokens).astype(np.int64))
+    x = torch.stack([tokens[j * 16:(j + 1) * 16] for j in screen])
+    y = torch.stack([tokens[j * 16 + 1:(j + 1) * 16 + 1] for j in screen])
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x).reshape(-1, model(x).size(-1)), y.reshape(-1))
+    assert trainer.screen_tokens == 128 == sums[-1].item()
+    assert abs(sums[0].item() / 128 - expected.item()) < 1e-5
+
+
+def test_a_screen_changes_no_outcome_and_skips_only_validations_far_above_the_target(tmp_path, char_data):
+    """The same run with and without a screen: the same full val losses, the same target step; the screened
+    validations are the ones whose screen scored above target + margin, and the last one is always full."""
+    common = dict(max_iters=300, eval_interval=10, learning_rate=3e-3, target_val_loss=2.2)
+    plain, screened = str(tmp_path / "plain"), str(tmp_path / "screened")
+    a = train_gpt.main(tiny_args(char_data, plain, **common))
+    b = train_gpt.main(tiny_args(char_data, screened, val_screen_tokens=128, val_screen_margin=0.3, **common))
+    assert a["reached"] is not None and (a["reached"], a["train_time_ms"] > 0) == (b["reached"], True)
+    full = {r["step"]: r["val_loss"] for r in read_metrics(plain) if "val_loss" in r}
+    rows = [r for r in read_metrics(screened) if "val_loss" in r]
+    skipped = [r for r in rows if "screen_tokens" in r]
+    assert skipped and all(r["screen_tokens"] == 128 and r["val_loss"] > 2.5 for r in skipped)
+    assert "screen_tokens" not in rows[-1] and rows[-1]["step"] == b["reached"]
+    for r in rows:
+        if "screen_tokens" not in r:
+            assert abs(r["val_loss"] - full[r["step"]]) < 1e-5, (r, full[r["step"]])
+    assert "step:0/300 val_loss:" in run_log_text(screened) and " screen_tokens:128\n" in run_log_text(screened)
+    # no target, or a screen larger than half the val set: every validation is full
+    for n, flags in enumerate([dict(val_screen_tokens=128, max_iters=10),
+                               dict(val_screen_tokens=512, target_val_loss=0.1)]):
+        logs = str(tmp_path / f"off{n}")
+        train_gpt.main(tiny_args(char_data, logs, **flags))
+        assert not [r for r in read_metrics(logs) if "screen_tokens" in r]
+        assert "\nval_screen_tokens_evaluated: 0\n" in run_log_text(logs)
+
+
 # --- the model
 
 def test_model_is_causal():
@@ -133,6 +189,7 @@ def test_nanogpt_cpu_command_line_parses():
     (["--n_kv_head", "3"], 1, "--n_kv_head 3 must divide n_head 4"),
     (["--learning_rate", "-1"], 1, "--learning_rate must be positive"),
     (["--adafactor_lr", "0"], 1, "--adafactor_lr must be positive"),
+    (["--val_screen_tokens", "-64"], 1, "--val_screen_tokens -64 and --val_screen_margin 0.06 must be >= 0"),
 ])
 def test_impossible_combinations_fail_with_one_line(argv, world_size, message):
     with pytest.raises(train_gpt.UsageError, match=message):
@@ -220,7 +277,8 @@ def test_run_stops_when_target_is_reached(tmp_path, char_data):
 def test_two_process_torchrun_matches_one_process(tmp_path, char_data, recipe, features):
     """2 Gloo processes with one micro-batch each == 1 process accumulating two micro-batches."""
     common = dict(max_iters=8, eval_interval=4, grad_accum_steps=2, dropout=0.0, timing_warmup_steps=0,
-                  recipe=recipe, warmup_iters=2, warmdown_iters=2, **features)
+                  recipe=recipe, warmup_iters=2, warmdown_iters=2, target_val_loss=0.5, val_screen_tokens=128,
+                  **features)  # a target too low to reach: validations before the last stop at their screen
     one = str(tmp_path / "one")
     train_gpt.main(tiny_args(char_data, one, **common))
     two = str(tmp_path / "two")
@@ -231,6 +289,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, char_data, recipe, f
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = read_metrics(one), read_metrics(two)
     assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    assert [r["step"] for r in a if "screen_tokens" in r] == [0, 4]
     for ra, rb in zip(a, b):
         key = "val_loss" if "val_loss" in ra else "train_loss"
         assert abs(ra[key] - rb[key]) < 1e-5, (ra, rb)

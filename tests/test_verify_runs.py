@@ -291,3 +291,28 @@ def test_the_known_sources_are_the_checkout_its_git_versions_and_the_records():
         pytest.skip("no git history of train_gpt.py here (not a clone, or a shallow one)")
     old = subprocess.run(["git", "show", f"{commits[-1]}:train_gpt.py"], cwd=ROOT, capture_output=True).stdout
     assert known[hashlib.sha256(old).hexdigest()][0] == f"train_gpt.py at commit {commits[-1][:9]}"
+
+
+def test_a_screened_validation_is_never_the_best(tmp_path):
+    """A run whose validations before the last stop at their screen (a target too low to reach) verifies, its
+    best being its last, full validation. Edited so a screen printed less than that best, it still verifies; with
+    that line's screen_tokens field removed, the line is below the best and refused."""
+    data, logs = str(tmp_path / "data"), str(tmp_path / "logs")
+    make_char_data(data)
+    train_gpt.main(tiny_args(data, logs, run_id="screened", target_val_loss=0.5, val_screen_tokens=128, **RUN_FLAGS))
+    log = Path(logs, "screened.txt")
+    assert verify.verify_log(log)["ok"], verify.verify_log(log)["reason"]
+    lines = log.read_text().split("\n")
+    screens = [i for i, line in enumerate(lines) if line.endswith(" screen_tokens:128")]
+    assert [int(re.match(r"step:(\d+)", lines[i]).group(1)) for i in screens] == [0, 5, 10, 15]
+    losses = {i: float(re.search(r"val_loss:(\S+)", lines[i]).group(1)) for i in screens}
+    lowest = min(screens, key=losses.get)
+    above = f"{losses[lowest] + 0.01:.4f}"
+    final, outcome = line_index(lines, "step:20/20 val_loss:"), line_index(lines, "target val_loss ")
+    lines[final] = re.sub(r"val_loss:\S+", f"val_loss:{above}", lines[final])
+    lines[outcome] = re.sub(r"best val_loss \S+", f"best val_loss {above}", lines[outcome])
+    r = verify.verify_log(copy_run(log, tmp_path / "edited", "\n".join(lines), metrics=False))
+    assert r["ok"], r["reason"]
+    lines[lowest] = lines[lowest].replace(" screen_tokens:128", "")
+    r = verify.verify_log(copy_run(log, tmp_path / "unmarked", "\n".join(lines), metrics=False))
+    assert not r["ok"] and f"line {lowest + 1}:" in r["reason"] and "is below the best val_loss" in r["reason"]
