@@ -2403,6 +2403,9 @@ def main(argv=None):
     return result
 
 
+# Seconds a rank other than 0 waits before exiting on an error that every rank meets and rank 0 prints.
+PEER_EXIT_DELAY_S = 2.0
+
 # The errors of a write that the machine refused (space, quota, permissions), reported in one line by run_cli().
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -2415,6 +2418,8 @@ def run_cli(entry):
     except (UsageError, TrainingError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
+        else:  # torchrun stops the other ranks as soon as one exits: rank 0 must have printed the error by then
+            time.sleep(PEER_EXIT_DELAY_S)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2 if isinstance(e, UsageError) else 3)
