@@ -1703,16 +1703,10 @@ class Trainer:
         bad = ~applied & (torch.ones_like(applied) if not self.scaler.is_enabled() else ~torch.isfinite(loss))
         return loss, grad_norm, bad
 
-    def evaluate(self):
-        """Mean next-token val loss (and each MTP offset's losses) over all the val windows, over all ranks."""
-        sums = sum(self.score(windows) for windows in self.val_parts)
-        values = (sums[:-1] / sums[-1]).tolist()
-        return values[0], values[1:]
-
     @torch.inference_mode()
     def score(self, windows):
-        """Summed next-token and MTP val losses and the token count (float64) over these val windows (None: all),
-        over all ranks."""
+        """Summed next-token and MTP val losses and the token count (float64) over these val windows (None: all
+        of them), over all ranks."""
         self.eval_model.eval()
         n_aux = self.gcfg.mtp_steps - 1
         sums = torch.zeros(2 + n_aux, dtype=torch.float64, device=self.device)  # next-token, aux..., count
@@ -1793,7 +1787,7 @@ class Trainer:
         stops there: its line gives the screen's loss and screen_tokens, and it is no candidate for the best."""
         cfg, train_ms = self.cfg, self.clock.elapsed_ms
         sums = self.score(self.val_parts[0])
-        screened = (self.screen_tokens and self.step < cfg.max_iters
+        screened = (self.screen_tokens > 0 and self.step < cfg.max_iters
                     and (sums[0] / sums[-1]).item() > cfg.target_val_loss + cfg.val_screen_margin)
         if not screened:
             sums = sum((self.score(windows) for windows in self.val_parts[1:]), sums)
