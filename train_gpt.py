@@ -606,7 +606,8 @@ def atomic_write(path, write):
 
 
 def write_json(path, obj, **dump_options):
-    """obj as indented JSON and a final newline, through atomic_write (the data scripts' meta.json)."""
+    """obj as JSON (json.dump's dump_options) and a final newline, through atomic_write (the data scripts'
+    meta.json)."""
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, **dump_options)

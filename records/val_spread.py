@@ -55,6 +55,13 @@ def window_losses(model_path, data, batch=256):
     return losses, T
 
 
+def spread_row(size, means, reference):
+    """A table row: the subsets' size and count, the std of their mean losses, the largest deviation from the
+    reference loss, and the first subset's."""
+    return (f"| {size:,} | {len(means)} | {statistics.stdev(means):.4f} | "
+            f"{max(abs(m - reference) for m in means):.4f} | {means[0] - reference:+.4f} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a model.pt (default: train run.sh's CPU run first)")
@@ -73,10 +80,8 @@ def main(argv=None):
     for size in SIZES:
         k = size // T
         means = [statistics.fmean(losses[i:i + k]) for i in range(0, len(losses) - k + 1, k)]
-        if len(means) < 2:
-            continue
-        print(f"| {size:,} | {len(means)} | {statistics.stdev(means):.4f} | "
-              f"{max(abs(m - whole) for m in means):.4f} | {means[0] - whole:+.4f} |")
+        if len(means) >= 2:
+            print(spread_row(size, means, whole))
     val_set = losses[:args.val_tokens // T]
     scored = statistics.fmean(val_set)
     print(f"\nscreens of the first {len(val_set) * T:,} tokens (--val_tokens, loss {scored:.4f}): every k-th window, "
@@ -85,9 +90,7 @@ def main(argv=None):
     print("|---:|---:|---:|---:|---:|")
     for size in SCREEN_SIZES:
         k = len(val_set) // (size // T)
-        means = [statistics.fmean(val_set[offset::k]) for offset in range(k)]
-        print(f"| {size:,} | {k} | {statistics.stdev(means):.4f} | {max(abs(m - scored) for m in means):.4f} | "
-              f"{means[0] - scored:+.4f} |")
+        print(spread_row(size, [statistics.fmean(val_set[offset::k]) for offset in range(k)], scored))
     return 0
 
 
