@@ -4,7 +4,8 @@
     python records/newcomer_wait.py [--runs 2] [--commit REV] [--keep DIR]
 
 Clones this checkout's HEAD (or --commit) into a temporary folder, then runs `./run.sh` there --runs times with one
-compile cache (TORCHINDUCTOR_CACHE_DIR) that starts empty: the first run is the cold-cache case, the later ones warm.
+compile cache (TORCHINDUCTOR_CACHE_DIR, and TMPDIR for the precompiled header) that starts empty: the first run is
+the cold-cache case, the later ones warm.
 Each output line is stamped with the seconds since the command started, so the table says where the wait went:
 start-up until the first line, the warm-up (compilation), validation and training. The first run also prepares the
 data, as a newcomer's would; that time is shown on its own.
@@ -62,8 +63,10 @@ def main(argv=None):
         sys.exit(f"error: {clone} exists; give another --keep folder")
     subprocess.run(["git", "clone", "-q", ROOT, clone], check=True)
     subprocess.run(["git", "checkout", "-q", args.commit], cwd=clone, check=True)
-    cache = os.path.join(folder, "inductor_cache")
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONUNBUFFERED="1")
+    cache, temp = os.path.join(folder, "inductor_cache"), os.path.join(folder, "tmp")
+    os.makedirs(temp)
+    # inductor keeps its precompiled C++ header in the temporary folder, outside TORCHINDUCTOR_CACHE_DIR
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TMPDIR=temp, PYTHONUNBUFFERED="1")
     rows = []
     for run in range(args.runs):
         lines, total = stamped_run(["./run.sh"], clone, env)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch._dynamo.testing
 
 import train_gpt
 from conftest import ROOT, make_char_data, read_metrics, run_log_text, tiny_args
@@ -145,6 +146,26 @@ def test_a_screen_changes_no_outcome_and_skips_only_validations_far_above_the_ta
         train_gpt.main(tiny_args(char_data, logs, **flags))
         assert not [r for r in read_metrics(logs) if "screen_tokens" in r]
         assert "\nval_screen_tokens_evaluated: 0\n" in run_log_text(logs)
+
+
+@pytest.mark.parametrize("dropout, graphs", [(0.0, 1), (0.3, 2)])
+def test_validation_compiles_no_graph_of_its_own_without_dropout(tmp_path, char_data, monkeypatch, dropout, graphs):
+    """Without dropout, validation runs the compiled training forward; with dropout, an eval-mode graph of its own.
+    Either way the val loss is the uncompiled model's in eval mode, the same at every validation."""
+    counter = torch._dynamo.testing.CompileCounter()
+    compile_model = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_model(model, backend=counter))
+    trainer = train_gpt.Trainer(train_gpt.resolve_config(tiny_args(char_data, str(tmp_path), dropout=dropout,
+                                                                   compile=True)))
+    trainer.setup()
+    trainer.warm_up()
+    sums = [trainer.score(None) for _ in range(2)]
+    assert counter.frame_count == graphs and torch.equal(sums[0], sums[1])
+    model, expected = trainer.raw_model.eval(), 0.0
+    with torch.no_grad():
+        for x, y, n_valid in trainer.val_set.batches(0, 1):
+            expected += model(x, y)[1].item() * n_valid
+    assert abs(sums[0][0].item() - expected) < 1e-5 * expected
 
 
 # --- the model
