@@ -116,11 +116,13 @@ class Hyperparameters:
     logit_softcap: float = model_flag(0.0, "cap * tanh(logits / cap); 0 disables")
     zero_init: bool = model_flag(False, "zero-initialise residual output projections (and an untied head)")
     mtp_steps: int = model_flag(1, "predict tokens t+1..t+N, one extra module per extra offset (1: next token only)")
-    bigram_embed: bool = model_flag(False, "a zero-initialised table looked up by (previous, current) token, added to "
-                                    "every block's input with a learned per-layer weight")
+    ngram_embed: int = model_flag(0, "for each n from 2 to this, a zero-initialised table looked up by the last n "
+                                  "tokens, added to every block's input with learned per-layer weights (0: none)")
     embed_shortcut: bool = model_flag(False, "mix the token embedding back into every block's input with learned "
                                       "per-layer weights")
     smear: bool = model_flag(False, "a learned gate that adds the previous token's embedding to the current one")
+    value_embed: bool = model_flag(False, "a zero-initialised table looked up by token, added to every layer's "
+                                   "attention values with a learned per-layer weight")
     mtp_weight: float = flag(0.1, "final weight of the mean auxiliary loss")
     mtp_rampup_steps: int = flag(64, "steps over which the auxiliary weight ramps from 0 to mtp_weight")
     # optimization
@@ -131,6 +133,8 @@ class Hyperparameters:
     max_iters: int = flag(2000, "optimizer steps in the run")
     learning_rate: float = flag(1e-3, "Adam-family rate; also sets AdamSN/Adafactor weight decay")
     muon_lr: float = flag(0.05, "Muon learning rate for hidden matrices")
+    muon_momentum_warmup: int = flag(0, "steps over which Muon's momentum rises from MUON_MOMENTUM_START to "
+                                     "MUON_MOMENTUM (0: MUON_MOMENTUM throughout)")
     embed_lr: float = flag(0.0, "with Muon: AdamW's rate for the embeddings (0: learning_rate)")
     head_lr: float = flag(0.0, "with Muon: AdamW's rate for an untied output head (0: learning_rate)")
     sn_lr: float = flag(0.0, "AdamSN learning rate for hidden matrices (0: SN_LR_MULTIPLIER * learning_rate)")
@@ -204,9 +208,11 @@ PRESETS = {
         # all of tinyshakespeare's val split, the first quarter of the complete plays'; a screen of an eighth of
         # it, whose spread is a quarter of the margin (README, Presets)
         val_tokens=131_072, val_screen_tokens=16_384,
-        # the bigram table: measured on these texts only (README, Model pieces)
-        recipes={"speedrun": dict(batch_size=48, max_iters=110, compile=True, learning_rate=0.012, muon_lr=0.035,
-                                  embed_lr=0.1, head_lr=0.024, eval_interval=10, bigram_embed=True)}),
+        # the n-gram tables, value embeddings, two heads and a short Adam momentum: measured on these texts only
+        # (README, Model pieces)
+        recipes={"speedrun": dict(batch_size=48, max_iters=50, compile=True, learning_rate=0.012, muon_lr=0.05,
+                                  embed_lr=0.1, head_lr=0.024, beta1=0.6, eval_interval=10, n_head=2,
+                                  ngram_embed=4, value_embed=True)}),
     # GPT-2 small on FineWeb10B: the NanoGPT speedrun's track 1
     "gpt2_124m": GPT2_124M,
     # the same model on one GPU: smaller micro-batches, the first 1,048,576 val tokens
@@ -222,6 +228,9 @@ RECIPES = {
         min_lr_ratio=0.0),
 }
 WARMDOWN_FRACTION = 0.4  # wsd: share of max_iters spent in the final linear decay, unless --warmdown_iters says
+# Muon's momentum; with --muon_momentum_warmup it starts lower, so the first steps follow fresh gradients rather
+# than the little history there is (README, Model, recipes and features)
+MUON_MOMENTUM, MUON_MOMENTUM_START = 0.95, 0.85
 SN_LR_MULTIPLIER = 10.0  # AdamSN's default --sn_lr as a multiple of --learning_rate (README, Optimizers)
 MAX_MTP_STEPS = 4  # the most targets a batch carries: multi-token prediction predicts at most t+1..t+4
 
@@ -554,10 +563,13 @@ def validate_config(cfg):
         raise UsageError(f"--sn_lr must be positive (or 0 for {SN_LR_MULTIPLIER:g} * learning_rate), got {cfg.sn_lr}")
     if not 0 <= cfg.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.ngram_embed and not 2 <= cfg.ngram_embed <= max(NGRAM_MAX_ROWS):
+        raise UsageError(f"--ngram_embed {cfg.ngram_embed}: give 2 to {max(NGRAM_MAX_ROWS)} (tables for the n-grams "
+                         "2..N), or 0 for none")
     if not 1 <= cfg.mtp_steps <= MAX_MTP_STEPS:
         raise UsageError(f"--mtp_steps must be 1 to {MAX_MTP_STEPS} (predict t+1..t+N), got {cfg.mtp_steps}")
-    if cfg.mtp_weight < 0 or cfg.mtp_rampup_steps < 0:
-        raise UsageError("--mtp_weight and --mtp_rampup_steps must be non-negative")
+    if cfg.mtp_weight < 0 or cfg.mtp_rampup_steps < 0 or cfg.muon_momentum_warmup < 0:
+        raise UsageError("--mtp_weight, --mtp_rampup_steps and --muon_momentum_warmup must be non-negative")
     if cfg.val_screen_tokens < 0 or cfg.val_screen_margin < 0:
         raise UsageError(f"--val_screen_tokens {cfg.val_screen_tokens} and --val_screen_margin "
                          f"{cfg.val_screen_margin} must be >= 0 (--val_screen_tokens 0: no screen)")
@@ -913,10 +925,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = with_role(nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias), "matrix")
         self.qk_norm, self.dropout = cfg.qk_norm, cfg.dropout
 
-    def forward(self, x, rotary=None):
+    def forward(self, x, rotary=None, value=None):
+        """value: (B, T, n_kv_head * head_dim) added to the values (the value embedding), or None."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, self.head_dim).unbind(dim=2)
+        if value is not None:
+            v = v + value.view(B, T, self.n_kv_head, self.head_dim)
         if self.qk_norm:
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rotary is not None:
@@ -954,29 +969,33 @@ class Block(nn.Module):
         self.ln_2, self.mlp = make_norm(cfg, cfg.n_embd), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rotary=None):
-        x = x + self.drop(self.attn(self.ln_1(x), rotary))
+    def forward(self, x, rotary=None, value=None):
+        x = x + self.drop(self.attn(self.ln_1(x), rotary, value))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
-# The bigram table's rows: one per (previous, current) pair plus one per token at a window's first position, where
-# the previous token is not in the batch; a vocabulary whose pairs would need more rows shares them by a hash.
-BIGRAM_MAX_ROWS = 2 ** 17
+# An n-gram table's rows: one per combination of the n-1 previous tokens (each may be "none", before a window's
+# first position) and the current one; past NGRAM_MAX_ROWS[n] combinations share rows by their index modulo that.
+# The bigram table is exact up to 2^17 rows (GPT-2's vocabulary hashes); longer n-grams, sparser, share 2^14 rows:
+# AdamW updates every row at every step, so a table's cost grows with its rows.
+NGRAM_MAX_ROWS = {2: 2 ** 17, 3: 2 ** 14, 4: 2 ** 14}
 
 
-class BigramEmbedding(nn.Module):
-    """What the previous token says about the next, looked up instead of learned through attention: a table indexed
-    by (previous, current) token. Zero at first, so the model starts as without it."""
+class NgramEmbedding(nn.Module):
+    """What the last n tokens say about the next, looked up instead of learned through attention: a table indexed
+    by the n-1 previous tokens and the current one. Zero at first, so the model starts as without it."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, n):
         super().__init__()
-        self.vocab = cfg.real_vocab_size or cfg.vocab_size
-        self.rows = min(self.vocab * (self.vocab + 1), BIGRAM_MAX_ROWS)
+        self.n, self.vocab = n, cfg.real_vocab_size or cfg.vocab_size
+        self.rows = min(self.vocab * (self.vocab + 1) ** (n - 1), NGRAM_MAX_ROWS[n])
         self.table = with_role(nn.Embedding(self.rows, cfg.n_embd), "embedding")
 
     def forward(self, idx):
-        previous = F.pad(idx[:, :-1], (1, 0), value=self.vocab)  # vocab: "no previous token in this window"
-        return self.table((previous * self.vocab + idx) % self.rows)
+        key = torch.zeros_like(idx)
+        for back in range(self.n - 1, 0, -1):  # vocab stands for "no token this far back in the window"
+            key = key * (self.vocab + 1) + F.pad(idx[:, :-back], (back, 0), value=self.vocab)
+        return self.table((key * self.vocab + idx) % self.rows)
 
 
 class Smear(nn.Module):
@@ -1017,14 +1036,19 @@ class GPT(nn.Module):
         self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size) if cfg.pos_emb == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.bigram = BigramEmbedding(cfg) if cfg.bigram_embed else None
+        self.ngrams = nn.ModuleList(NgramEmbedding(cfg, n) for n in range(2, cfg.ngram_embed + 1))
         self.smear = Smear(cfg) if cfg.smear else None
-        # Per-layer weights of what is added to each block's input: the bigram table's (first layer 1, others 0
+        # The value embedding: what a token contributes to attention read from a table (shared by the layers, each
+        # with its own weight) besides what the residual stream carries. Zero at first, like the n-gram tables.
+        kv_width = (cfg.n_kv_head or cfg.n_head) * (cfg.n_embd // cfg.n_head)
+        self.value_table = with_role(nn.Embedding(cfg.vocab_size, kv_width), "embedding") if cfg.value_embed else None
+        # Per-layer weights of what is added to each block's input: the n-gram tables' (first layer 1, others 0
         # until they learn otherwise) and the token embedding's with the stream's own (1 and 0: a plain stream).
         layer = torch.arange(cfg.n_layer)
-        self.bigram_weights = nn.Parameter((layer == 0).float()) if cfg.bigram_embed else None
+        self.ngram_weights = nn.Parameter((layer == 0).float()) if cfg.ngram_embed else None
         self.stream_weights = nn.Parameter(torch.ones(cfg.n_layer)) if cfg.embed_shortcut else None
         self.shortcut_weights = nn.Parameter(torch.zeros(cfg.n_layer)) if cfg.embed_shortcut else None
+        self.value_weights = nn.Parameter(torch.ones(cfg.n_layer)) if cfg.value_embed else None
         self.ln_f = make_norm(cfg, cfg.n_embd)
         self.lm_head = with_role(nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False), "head")
         if cfg.tie_embeddings:
@@ -1038,8 +1062,9 @@ class GPT(nn.Module):
     def init_weights(self):
         cfg = self.cfg
         self.apply(self._init_weights)
-        if self.bigram is not None:
-            nn.init.zeros_(self.bigram.table.weight)
+        for table in [ngram.table for ngram in self.ngrams] + [self.value_table]:
+            if table is not None:
+                nn.init.zeros_(table.weight)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: two residual additions per layer
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -1069,13 +1094,14 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x)
         x = x0 = self.drop(x)
-        bigram = self.bigram(idx) if self.bigram is not None else None
+        ngrams = sum(ngram(idx) for ngram in self.ngrams) if self.ngrams else None
+        values = self.value_table(idx) if self.value_table is not None else None
         for i, block in enumerate(self.blocks):
             if self.stream_weights is not None:
                 x = self.stream_weights[i] * x + self.shortcut_weights[i] * x0
-            if bigram is not None:
-                x = x + self.bigram_weights[i] * bigram
-            x = block(x, self.rotary)
+            if ngrams is not None:
+                x = x + self.ngram_weights[i] * ngrams
+            x = block(x, self.rotary, self.value_weights[i] * values if values is not None else None)
         return x
 
     def forward(self, idx, targets=None):
@@ -1198,7 +1224,7 @@ def flops_per_token(model):
     """Training FLOPs per token of the matrix multiplications, which are nearly all of them: 6 per weight of every
     linear layer (2 forward, 4 backward), the output head once per predicted offset (MTP reuses it), and attention's
     score and value products (12 * n_layer * n_embd * block_size, the whole T x T square as the kernels compute it).
-    Embedding lookups (the bigram table's too), norms, the smear gate's 12 products and elementwise work are not
+    Embedding lookups (the n-gram tables' too), norms, the smear gate's 12 products and elementwise work are not
     counted."""
     cfg = model.cfg
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head)
@@ -1456,7 +1482,7 @@ def build_optimizers(model, cfg, device):
     elif cfg.optimizer == "muon":
         adam_groups = [dict(params=embeddings, lr=cfg.embed_lr, weight_decay=wd),
                        dict(params=head, lr=cfg.head_lr, weight_decay=wd), dict(params=vectors, weight_decay=0.0)]
-        optimizers = [Muon(hidden, lr=cfg.muon_lr, momentum=0.95, nesterov=True, weight_decay=wd),
+        optimizers = [Muon(hidden, lr=cfg.muon_lr, momentum=MUON_MOMENTUM, nesterov=True, weight_decay=wd),
                       torch.optim.AdamW([g for g in adam_groups if g["params"]], lr=lr, betas=betas, eps=1e-8,
                                         fused=fused)]
     elif cfg.optimizer == "adamsn":
@@ -1490,6 +1516,14 @@ def lr_factor(step, cfg):
     if step < warmdown_start:
         return 1.0
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * (end - step) / max(1, cfg.warmdown_iters)
+
+
+def muon_momentum_at(step, cfg):
+    """Muon's momentum at this step: MUON_MOMENTUM_START rising linearly to MUON_MOMENTUM over
+    muon_momentum_warmup steps."""
+    if step >= cfg.muon_momentum_warmup:
+        return MUON_MOMENTUM
+    return MUON_MOMENTUM_START + (MUON_MOMENTUM - MUON_MOMENTUM_START) * step / cfg.muon_momentum_warmup
 
 
 def mtp_weight_at(step, cfg):
@@ -1684,6 +1718,8 @@ class Trainer:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(step, self.cfg)
+                if isinstance(opt, Muon):
+                    group["momentum"] = muon_momentum_at(step, self.cfg)
         self.raw_model.mtp_weight.fill_(mtp_weight_at(step, self.cfg))
         self.model.train()
         accum = self.cfg.accum_steps_per_rank

@@ -97,19 +97,25 @@ ABLATIONS = {
     "no_softcap": ["--logit_softcap", "0"],
     "adamw": ["--optimizer", "adamw"],
     "cosine_schedule": ["--schedule", "cosine"],
-    "no_bigram_embed": ["--bigram_embed", "False"],
+    "no_ngram_embed": ["--ngram_embed", "0"],
+    "bigram_only": ["--ngram_embed", "2"],
+    "no_value_embed": ["--value_embed", "False"],
     # pieces tried and not adopted: the speedrun with one of them switched on
     "with_embed_shortcut": ["--embed_shortcut", "True"],
     "with_smear": ["--smear", "True"],
+    "with_muon_momentum_warmup": ["--muon_momentum_warmup", "20"],
 }
 
-# speedrun settings that ablation rows put back, one row each: to the preset's (the preset's batch runs the same
-# tokens: 4x the steps), or to the rates the batch-48 speedrun had before its rates were swept (one Adam-family
-# rate for embedding, head and gains)
+# speedrun settings that ablation rows put back, one row each: to the preset's or the default (the preset's batch
+# runs the same tokens: 4x the steps), or to earlier speedrun settings: the rates the batch-48 speedrun had before
+# its rates were swept (one Adam-family rate for embedding, head and gains), and Muon's rate before the n-gram tables
 SETTING_ABLATIONS = {
     "preset_batch": dict(batch_size=12),
     "no_compile": dict(compile=False),
     "previous_rates": dict(learning_rate=6e-3, muon_lr=0.05, embed_lr=0.0, head_lr=0.0),
+    "four_heads": dict(n_head=4),
+    "adam_beta1_0.9": dict(beta1=0.9),
+    "muon_lr_0.035": dict(muon_lr=0.035),
 }
 
 SUITE_DEFAULTS = {

@@ -53,6 +53,9 @@ def finished_run(tmp_path_factory):
     (dict(grad_clip=-1), "--grad_clip and --max_data_passes must be >= 0"),
     (dict(max_data_passes=-1), "--grad_clip and --max_data_passes must be >= 0"),
     (dict(seed=-1), "--seed -1: give a seed from 0 to 4294967295"),
+    (dict(ngram_embed=1), "--ngram_embed 1: give 2 to 4 (tables for the n-grams 2..N), or 0 for none"),
+    (dict(ngram_embed=5), "--ngram_embed 5: give 2 to 4"),
+    (dict(muon_momentum_warmup=-1), "--muon_momentum_warmup must be non-negative"),
     (dict(seed=2 ** 70), "--seed 1180591620717411303424: give a seed from 0 to 4294967295"),
 ])
 def test_impossible_values_are_refused(tmp_path, char_data, overrides, message):

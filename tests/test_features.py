@@ -79,18 +79,18 @@ def test_embd_scale_widens_with_head_dim_a_multiple_of_8():
         assert new % heads == 0 and (new // heads) % 8 == 0 and abs(new - width * factor) <= heads * 4
 
 
-# --- optional model pieces: a bigram table, the embedding shortcut, smear
+# --- optional model pieces: n-gram tables, the embedding shortcut, smear, value embeddings
 
-PIECES = ["bigram_embed", "embed_shortcut", "smear"]
+PIECES = [("ngram_embed", 2), ("ngram_embed", 4), ("embed_shortcut", True), ("smear", True), ("value_embed", True)]
 
 
-@pytest.mark.parametrize("piece", PIECES)
-def test_a_piece_starts_as_the_model_without_it_then_learns(piece):
+@pytest.mark.parametrize("piece, value", PIECES)
+def test_a_piece_starts_as_the_model_without_it_then_learns(piece, value):
     """Zero-initialised: the same logits as the model without the piece (its shared weights copied), and after
     two Adam steps every parameter of the piece has moved (a weight whose partner is zero moves at the second)."""
     base = train_gpt.GPTConfig(vocab_size=64, real_vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=32,
                                pos_emb="rope", norm="rms", zero_init=False, tie_embeddings=False)
-    plain, model = train_gpt.GPT(base), train_gpt.GPT(dataclasses.replace(base, **{piece: True}))
+    plain, model = train_gpt.GPT(base), train_gpt.GPT(dataclasses.replace(base, **{piece: value}))
     missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert missing, piece
     x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (1, 2, 16))
@@ -104,19 +104,45 @@ def test_a_piece_starts_as_the_model_without_it_then_learns(piece):
     assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters() if name in missing), missing
 
 
-def test_bigram_rows_are_previous_times_vocab_plus_current_and_hash_a_large_vocabulary():
-    small = train_gpt.BigramEmbedding(train_gpt.GPTConfig(vocab_size=64, real_vocab_size=5, n_embd=8))
-    assert small.rows == 5 * 6
+def test_ngram_rows_number_the_previous_tokens_then_the_current_and_hash_a_large_vocabulary():
+    """Row of (..., previous, current): the previous tokens as digits in base vocab + 1 (vocab: none, before the
+    window), then times vocab plus the current token; modulo the rows where there are more combinations."""
+    for n in (2, 3):
+        table = train_gpt.NgramEmbedding(train_gpt.GPTConfig(vocab_size=64, real_vocab_size=5, n_embd=8), n)
+        assert table.rows == 5 * 6 ** (n - 1)
+        with torch.no_grad():
+            table.table.weight.copy_(torch.arange(table.rows, dtype=torch.float32)[:, None].expand(-1, 8))
+        idx = torch.tensor([[3, 1, 4, 1], [0, 0, 2, 4]])
+        padded = torch.cat([torch.full((2, n - 1), 5), idx], dim=1)
+        expected = [[sum(padded[b, t + k].item() * 6 ** (n - 2 - k) for k in range(n - 1)) * 5 + idx[b, t].item()
+                     for t in range(4)] for b in range(2)]
+        assert table(idx)[..., 0].long().tolist() == expected
+    assert expected[0] == [(5 * 6 + 5) * 5 + 3, (5 * 6 + 3) * 5 + 1, (3 * 6 + 1) * 5 + 4, (1 * 6 + 4) * 5 + 1]
+    gpt2 = train_gpt.GPTConfig(vocab_size=50304, real_vocab_size=50257, n_embd=8)
+    for n, rows in train_gpt.NGRAM_MAX_ROWS.items():
+        large = train_gpt.NgramEmbedding(gpt2, n)
+        assert large.rows == rows
+        idx = torch.tensor([[50256, 50256, 17, 50000, 3]])
+        assert large(idx).shape == (1, 5, 8)  # every row index falls inside the table
+
+
+def test_a_value_embedding_is_added_to_the_values_of_each_kv_head():
+    """Adding a vector to the values is what a bias on the value part of kv_proj does (GQA: 2 kv heads)."""
+    torch.manual_seed(0)
+    cfg = small_config(n_kv_head=2)
+    plain, biased = train_gpt.CausalSelfAttention(cfg).double(), train_gpt.CausalSelfAttention(
+        dataclasses.replace(cfg, bias=True)).double()
+    biased.load_state_dict(plain.state_dict(), strict=False)
+    value = torch.randn(16, dtype=torch.float64)
     with torch.no_grad():
-        small.table.weight.copy_(torch.arange(30, dtype=torch.float32)[:, None].expand(30, 8))
-    idx = torch.tensor([[3, 1, 4, 1], [0, 0, 2, 4]])
-    rows = small(idx)[..., 0].long()
-    expected = [[5 * 5 + 3, 3 * 5 + 1, 1 * 5 + 4, 4 * 5 + 1], [5 * 5 + 0, 0, 0 * 5 + 2, 2 * 5 + 4]]
-    assert rows.tolist() == expected
-    large = train_gpt.BigramEmbedding(train_gpt.GPTConfig(vocab_size=50304, real_vocab_size=50257, n_embd=8))
-    assert large.rows == train_gpt.BIGRAM_MAX_ROWS
-    idx = torch.tensor([[50256, 50256, 17, 50000]])
-    assert large(idx).shape == (1, 4, 8)  # every row index falls inside the table
+        biased.kv_proj.bias.zero_()
+        biased.kv_proj.bias[16:] = value  # kv_proj's outputs: the keys of both heads, then their values
+        biased.q_proj.bias.zero_()
+        biased.c_proj.bias.zero_()
+    x = torch.randn(3, 10, 32, dtype=torch.float64)
+    torch.testing.assert_close(plain(x, value=value.expand(3, 10, 16)), biased(x), atol=1e-12, rtol=0)
+    model = train_gpt.GPT(small_config(n_kv_head=2, value_embed=True))
+    assert model.value_table.weight.shape == (64, 16) and model.value_weights.shape == (2,)
 
 
 def test_smear_adds_the_gated_previous_embedding_in_float64():

@@ -119,7 +119,8 @@ def test_readme_check_commands_run_as_written(workdir, prefix):
 
 def test_three_processes_match_one_process(workdir):
     """With the optional model pieces on, which must work under torchrun like the rest."""
-    pieces = ["--bigram_embed", "True", "--embed_shortcut", "True", "--smear", "True"]
+    pieces = ["--ngram_embed", "4", "--embed_shortcut", "True", "--smear", "True", "--value_embed", "True",
+              "--muon_momentum_warmup", "3"]
     command = ["torchrun", "--standalone", "--nproc_per_node=3", "train_gpt.py", "--preset", "shakespeare_char",
                "--device", "cpu", *SHORT, *pieces, "--log_dir", str(workdir / "three")]
     out = finish(run(command, workdir))
@@ -160,7 +161,8 @@ def test_the_log_says_when_another_pass_over_the_data_begins(tmp_path, char_data
 def test_flops_per_token_matches_torch_flop_counter(mtp_steps, n_kv_head, tie, pieces):
     cfg = train_gpt.GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64,
                               mtp_steps=mtp_steps, tie_embeddings=tie, pos_emb="learned" if tie else "rope",
-                              bigram_embed=pieces, embed_shortcut=pieces, smear=pieces)
+                              ngram_embed=4 if pieces else 0, embed_shortcut=pieces, smear=pieces,
+                              value_embed=pieces)
     model = train_gpt.GPT(cfg)
     x = torch.randint(0, 128, (2, 32))
     y = torch.randint(0, 128, (mtp_steps, 2, 32))
@@ -190,7 +192,7 @@ def test_gpt2_124m_dress_rehearsal_on_cpu(tmp_path):
         "--log_interval", "1", "--warmdown_iters", "2", "--val_tokens", "512", "--timing_warmup_steps", "1",
         "--compile", "True",
         "--precision", precision, "--n_kv_head", "4", "--mtp_steps", "2", "--log_dir", logs,
-        "--bigram_embed", "True", "--embed_shortcut", "True", "--smear", "True",
+        "--ngram_embed", "4", "--embed_shortcut", "True", "--smear", "True", "--value_embed", "True",
         "--input_bin", str(data / "train_000001.bin"), "--input_val_bin", str(data / "val_000000.bin")])
     rows = read_metrics(logs)
     assert result["steps"] == 5 and len([r for r in rows if "train_loss" in r]) == 5

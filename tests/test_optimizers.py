@@ -14,6 +14,7 @@ import torch
 
 import train_gpt
 from train_gpt import Adafactor, AdamSN, Muon, optimizer_state_bytes
+from conftest import tiny_args
 
 F64 = torch.float64
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -493,8 +494,8 @@ def test_gated_step_is_the_plain_step_or_no_change_without_copying_state(make, m
 @pytest.mark.parametrize("flags", [["--recipe", "speedrun", "--mtp_steps", "3", "--n_kv_head", "2"],
                                    ["--recipe", "classic"], ["--recipe", "classic", "--optimizer", "adafactor"],
                                    ["--recipe", "speedrun", "--optimizer", "adamsn", "--bias", "True"],
-                                   ["--recipe", "speedrun", "--bigram_embed", "True", "--embed_shortcut", "True",
-                                    "--smear", "True"]])
+                                   ["--recipe", "speedrun", "--ngram_embed", "4", "--embed_shortcut", "True",
+                                    "--smear", "True", "--value_embed", "True", "--n_kv_head", "2"]])
 def test_every_parameter_is_in_exactly_one_optimizer_group(flags):
     cfg = train_gpt.resolve_config(["--device", "cpu", "--run_id", "roles", *flags])
     model = train_gpt.GPT(train_gpt.gpt_config(cfg, 65))
@@ -516,6 +517,21 @@ def test_a_new_matrix_goes_where_its_declared_role_says_never_to_muon_unasked():
     assert all(p is not table for group in muon.param_groups for p in group["params"])
     group = next(g for g in adamw.param_groups if any(p is table for p in g["params"]))
     assert group["lr"] == 0.3 and group["params"][0] is model.wte.weight
+
+
+def test_muon_momentum_rises_over_its_warmup_and_the_trainer_sets_it_each_step(tmp_path, char_data):
+    cfg = train_gpt.resolve_config(tiny_args(char_data, str(tmp_path), recipe="speedrun", muon_momentum_warmup=4))
+    start, end = train_gpt.MUON_MOMENTUM_START, train_gpt.MUON_MOMENTUM
+    expected = [start + (end - start) * step / 4 for step in range(4)] + [end, end]
+    assert [train_gpt.muon_momentum_at(step, cfg) for step in range(6)] == pytest.approx(expected, abs=1e-15)
+    constant = train_gpt.resolve_config(tiny_args(char_data, str(tmp_path), recipe="speedrun"))
+    assert train_gpt.muon_momentum_at(0, constant) == end
+    trainer = train_gpt.Trainer(cfg)
+    trainer.setup()
+    muon = next(opt for opt in trainer.optimizers if isinstance(opt, Muon))
+    for step in (0, 2, 5):
+        trainer.train_step(step)
+        assert muon.param_groups[0]["momentum"] == pytest.approx(expected[step], abs=1e-15)
 
 
 def test_every_124m_preset_gets_the_one_table_of_124m_rates():
