@@ -208,11 +208,10 @@ PRESETS = {
         # all of tinyshakespeare's val split, the first quarter of the complete plays'; a screen of an eighth of
         # it, whose spread is a quarter of the margin (README, Presets)
         val_tokens=131_072, val_screen_tokens=16_384,
-        # the n-gram tables, value embeddings, two heads and a short Adam momentum: measured on these texts only
-        # (README, Model pieces)
+        # the n-gram tables, value embeddings and two heads: measured on these texts only (README, Model pieces)
         recipes={"speedrun": dict(batch_size=48, max_iters=50, compile=True, learning_rate=0.012, muon_lr=0.05,
-                                  embed_lr=0.1, head_lr=0.024, beta1=0.6, eval_interval=10, n_head=2,
-                                  ngram_embed=4, value_embed=True)}),
+                                  embed_lr=0.1, head_lr=0.024, eval_interval=10, n_head=2, ngram_embed=4,
+                                  value_embed=True)}),
     # GPT-2 small on FineWeb10B: the NanoGPT speedrun's track 1
     "gpt2_124m": GPT2_124M,
     # the same model on one GPU: smaller micro-batches, the first 1,048,576 val tokens

@@ -104,6 +104,7 @@ ABLATIONS = {
     "with_embed_shortcut": ["--embed_shortcut", "True"],
     "with_smear": ["--smear", "True"],
     "with_muon_momentum_warmup": ["--muon_momentum_warmup", "20"],
+    "adam_beta1_0.6": ["--beta1", "0.6"],
 }
 
 # speedrun settings that ablation rows put back, one row each: to the preset's or the default (the preset's batch
@@ -114,7 +115,6 @@ SETTING_ABLATIONS = {
     "no_compile": dict(compile=False),
     "previous_rates": dict(learning_rate=6e-3, muon_lr=0.05, embed_lr=0.0, head_lr=0.0),
     "four_heads": dict(n_head=4),
-    "adam_beta1_0.9": dict(beta1=0.9),
     "muon_lr_0.035": dict(muon_lr=0.035),
 }
 
