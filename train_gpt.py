@@ -1039,8 +1039,9 @@ class GPT(nn.Module):
         self.smear = Smear(cfg) if cfg.smear else None
         # The value embedding: what a token contributes to attention read from a table (shared by the layers, each
         # with its own weight) besides what the residual stream carries. Zero at first, like the n-gram tables.
-        kv_width = (cfg.n_kv_head or cfg.n_head) * (cfg.n_embd // cfg.n_head)
-        self.value_table = with_role(nn.Embedding(cfg.vocab_size, kv_width), "embedding") if cfg.value_embed else None
+        attn = self.blocks[0].attn  # the values' width: its key/value heads times their size
+        self.value_table = (with_role(nn.Embedding(cfg.vocab_size, attn.n_kv_head * attn.head_dim), "embedding")
+                            if cfg.value_embed else None)
         # Per-layer weights of what is added to each block's input: the n-gram tables' (first layer 1, others 0
         # until they learn otherwise) and the token embedding's with the stream's own (1 and 0: a plain stream).
         layer = torch.arange(cfg.n_layer)
