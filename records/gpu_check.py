@@ -153,8 +153,9 @@ def run_part(name, limit, flags, args, data):
                   status="ok" if proc.returncode == 0 else "failed")
     output = proc.stdout + proc.stderr
     if name == "tests":
-        summary = re.findall(r"(\d+) (passed|failed|skipped|deselected|error)", output.splitlines()[-1]
-                             if output.strip() else "")
+        # pytest's summary: the last line of its stdout (stderr may carry warnings from the tests' processes)
+        last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+        summary = re.findall(r"(\d+) (passed|failed|skipped|deselected|error)", last)
         record["result"] = counts = {kind: int(n) for n, kind in summary}
         if counts.get("skipped") and args.device == "cuda":  # on a GPU every CUDA test must run
             record["status"] = "failed"

@@ -163,16 +163,19 @@ def gpu_check(tmp_path, *args):
         return result, json.load(f), (out / "report.md").read_text()
 
 
-def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
-    result, report, markdown = gpu_check(tmp_path, "--eager", "--steps", "1")
+def test_gpu_check_runs_its_parts_on_the_cpu(tmp_path):
+    # Under --eager on the CPU the "eager" part repeats the "compiled" one, and "mtp2" differs from it by one flag
+    # (the gpt2_124m dress rehearsal trains with MTP): the other parts are the rehearsal's own.
+    result, report, markdown = gpu_check(tmp_path, "--eager", "--steps", "1", "--only", "machine", "tests", "check",
+                                         "compiled", "kv4")
     assert result.returncode == 0, result.stdout + result.stderr
     parts = {p["name"]: p for p in report["parts"]}
-    assert list(parts) == ["machine", "tests", "check", "compiled", "eager", "mtp2", "kv4"]
+    assert list(parts) == ["machine", "tests", "check", "compiled", "kv4"]
     assert all(p["status"] == "ok" for p in parts.values())
     assert "torch:" in parts["machine"]["result"]["versions"]
     assert parts["tests"]["result"]["skipped"] >= 1  # the CUDA tests, collected and skipped without a GPU
     assert "check: the run can start" in parts["check"]["output"]
-    for name in ("compiled", "eager", "mtp2", "kv4"):
+    for name in ("compiled", "kv4"):
         figures = parts[name]["result"]
         assert figures["tokens_per_s"] > 0 and figures["peak_memory_gib"] > 0 and figures["estimate_gib"] > 0
         assert figures["first_step_s"] > 0 and figures["loss"] > 0
