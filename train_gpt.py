@@ -998,10 +998,7 @@ class NgramEmbedding(nn.Module):
 
 
 def ngram_sum(ngrams, idx):
-    """The n-gram tables' lookups, summed. GPT runs this outside torch.compile's graph: the graph breaks there, and
-    the blocks compile as one frame that each block calls instead of a copy per block (inductor builds 16 C++
-    kernels instead of 32 for the shakespeare_char speedrun, a cold warm-up of 23-27 s instead of 49-51 s on two
-    cores) at the same step time (README, The newcomer's wait)."""
+    """The n-gram tables' lookups, summed (eagerly under torch.compile: GPT.__init__)."""
     return sum(ngram(idx) for ngram in ngrams)
 
 
@@ -1044,7 +1041,12 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ngrams = nn.ModuleList(NgramEmbedding(cfg, n) for n in range(2, cfg.ngram_embed + 1))
+        # Under torch.compile the glue between the blocks (hidden) runs eagerly and each frame it calls compiles on
+        # its own: the blocks share one graph instead of a copy each, and the n-gram lookups stay eager. For the
+        # shakespeare_char speedrun on two CPU cores: 16 C++ kernels instead of 32, half the cold warm-up, the same
+        # step time (README, The newcomer's wait).
         self.ngram_sum = torch.compiler.disable(ngram_sum) if self.ngrams else None
+        self.call_hidden = torch.compiler.disable(GPT.hidden, recursive=False)
         self.smear = Smear(cfg) if cfg.smear else None
         # The value embedding: what a token contributes to attention read from a table (shared by the layers, each
         # with its own weight) besides what the residual stream carries. Zero at first, like the n-gram tables.
@@ -1116,7 +1118,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         """Without targets: logits (B, T, vocab). With targets (K, B, T), K >= 1 offsets (-1 = ignore):
         (loss, next-token loss, auxiliary losses for offsets 2..) where loss adds mtp_weight * mean(auxiliary)."""
-        h = self.hidden(idx)
+        h = self.call_hidden(self, idx)
         if targets is None:
             return self.logits(h)
         V = self.cfg.real_vocab_size or self.cfg.vocab_size

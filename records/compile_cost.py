@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """What torch.compile costs the shakespeare_char speedrun on the CPU, and what two other ways to compile it would cost.
 
-    python records/compile_cost.py [--rounds 3] [--steps 30] [--variants ngrams_apart one_graph blocks_shared]
+    python records/compile_cost.py [--rounds 3] [--steps 30] [--variants regional one_graph blocks_shared]
 
 Variants (the last two are experiments, applied by this script only):
-  ngrams_apart   the model as train_gpt.py compiles it: the n-gram tables' lookups outside the compiled graph
-                 (train_gpt.ngram_sum), so the graph breaks there and the blocks compile as one frame that each block
-                 calls
+  regional       the model as train_gpt.py compiles it: GPT.hidden, the glue between the blocks, runs eagerly and
+                 the frames it calls compile on their own, so the blocks share one graph and the n-gram lookups
+                 (train_gpt.ngram_sum) stay eager; the head and the losses are a graph of their own
   one_graph      the whole model in one graph, the n-gram tables in it and the blocks unrolled
   blocks_shared  one graph, with Block.forward as a nested compile region (torch.compiler.nested_compile_region):
                  the block's code compiled once and called by each block
@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "tinyshakespeare_char"
-VARIANTS = ("ngrams_apart", "one_graph", "blocks_shared")
+VARIANTS = ("regional", "one_graph", "blocks_shared")
 
 
 def worker(variant, steps):
@@ -45,8 +45,8 @@ def worker(variant, steps):
                                     "--input_val_bin", str(DATA / "val_*.bin")], 1)
     trainer = train_gpt.Trainer(cfg, log=lambda *a, **k: None)
     trainer.setup()
-    if variant != "ngrams_apart":  # the lookups inside the graph (torch.compile traces the model at its first call)
-        trainer.raw_model.ngram_sum = train_gpt.ngram_sum
+    if variant != "regional":  # the whole model in the graph (torch.compile traces it at its first call)
+        trainer.raw_model.ngram_sum, trainer.raw_model.call_hidden = train_gpt.ngram_sum, train_gpt.GPT.hidden
     figures = {}
     started = time.perf_counter()
     trainer.warm_up()
