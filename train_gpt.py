@@ -997,11 +997,6 @@ class NgramEmbedding(nn.Module):
         return self.table((key * self.vocab + idx) % self.rows)
 
 
-def ngram_sum(ngrams, idx):
-    """The n-gram tables' lookups, summed (eagerly under torch.compile: GPT.__init__)."""
-    return sum(ngram(idx) for ngram in ngrams)
-
-
 class Smear(nn.Module):
     """Adds the previous token's embedding to each token's, through a gate that the token's first channels set:
     attention need not spend a head on the previous token. The weight starts at 0, so the model starts as without."""
@@ -1041,12 +1036,6 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ngrams = nn.ModuleList(NgramEmbedding(cfg, n) for n in range(2, cfg.ngram_embed + 1))
-        # Under torch.compile the glue between the blocks (hidden) runs eagerly and each frame it calls compiles on
-        # its own: the blocks share one graph instead of a copy each, and the n-gram lookups stay eager. For the
-        # shakespeare_char speedrun on two CPU cores: 16 C++ kernels instead of 32, half the cold warm-up, the same
-        # step time (README, The newcomer's wait).
-        self.ngram_sum = torch.compiler.disable(ngram_sum) if self.ngrams else None
-        self.call_hidden = torch.compiler.disable(GPT.hidden, recursive=False)
         self.smear = Smear(cfg) if cfg.smear else None
         # The value embedding: what a token contributes to attention read from a table (shared by the layers, each
         # with its own weight) besides what the residual stream carries. Zero at first, like the n-gram tables.
@@ -1105,7 +1094,7 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x)
         x = x0 = self.drop(x)
-        ngrams = self.ngram_sum(self.ngrams, idx) if self.ngrams else None
+        ngrams = sum(ngram(idx) for ngram in self.ngrams) if self.ngrams else None
         values = self.value_table(idx) if self.value_table is not None else None
         for i, block in enumerate(self.blocks):
             if self.stream_weights is not None:
@@ -1118,7 +1107,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         """Without targets: logits (B, T, vocab). With targets (K, B, T), K >= 1 offsets (-1 = ignore):
         (loss, next-token loss, auxiliary losses for offsets 2..) where loss adds mtp_weight * mean(auxiliary)."""
-        h = self.call_hidden(self, idx)
+        h = self.hidden(idx)
         if targets is None:
             return self.logits(h)
         V = self.cfg.real_vocab_size or self.cfg.vocab_size
