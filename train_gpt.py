@@ -2285,23 +2285,20 @@ def lost_ranks(rank, world_size, wait_s=2.0):
     """The ranks whose process has ended, after a collective failed: found on this machine from their pids, or named
     by the survivors on their own machine (waited for up to wait_s). [] when no peer is known to be gone."""
     try:
-        store, host, pids = job_store(), platform.node(), {}
+        store, host, lost = job_store(), platform.node(), []
         for other in range(world_size):
             key = f"{STORE_PREFIX}proc/{other}"
-            if other != rank and store.check([key]):
-                other_host, pid = store.get(key).decode().rsplit(" ", 1)
-                if other_host == host:
-                    pids[other] = int(pid)
-        deadline = time.monotonic() + wait_s
-        while True:
-            # asked again each time: a killed peer's sockets close before its process has ended
-            lost = [other for other, pid in pids.items() if process_gone(pid)]
-            for other in lost:
+            if other == rank or not store.check([key]):
+                continue
+            other_host, pid = store.get(key).decode().rsplit(" ", 1)
+            if other_host == host and process_gone(int(pid)):
+                lost.append(other)
                 store.set(f"{STORE_PREFIX}lost/{other}", "1")
-            lost = lost or [r for r in range(world_size) if store.check([f"{STORE_PREFIX}lost/{r}"])]
-            if lost or time.monotonic() >= deadline:
-                return lost
+        deadline = time.monotonic() + wait_s
+        while not lost and time.monotonic() < deadline:
+            lost = [r for r in range(world_size) if store.check([f"{STORE_PREFIX}lost/{r}"])]
             time.sleep(0.1)
+        return lost
     except Exception:  # the store went too (the torchrun agent died): nothing to name
         return []
 
