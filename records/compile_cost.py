@@ -28,25 +28,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from profile_step import DEFAULT_DATA, build_trainer  # the speedrun's trainer on the CPU, on tinyshakespeare
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data" / "tinyshakespeare_char"
+DATA = ROOT / DEFAULT_DATA
 VARIANTS = ("one_graph", "regional", "blocks_shared")
 
 
 def worker(variant, steps):
     """In a process of its own: build the speedrun's trainer compiled the variant's way and measure it."""
-    sys.path.insert(0, str(ROOT))
     import torch
-    import train_gpt
+    import train_gpt  # on the path since profile_step's import
     if variant == "regional":
         train_gpt.NgramEmbedding.forward = torch.compiler.disable(train_gpt.NgramEmbedding.forward)
     elif variant == "blocks_shared":
         train_gpt.Block.forward = torch.compiler.nested_compile_region(train_gpt.Block.forward)
-    cfg = train_gpt.resolve_config(["--preset", "shakespeare_char", "--device", "cpu", "--compile", "True",
-                                    "--input_bin", str(DATA / "train_*.bin"),
-                                    "--input_val_bin", str(DATA / "val_*.bin")], 1)
-    trainer = train_gpt.Trainer(cfg, log=lambda *a, **k: None)
-    trainer.setup()
+    trainer = build_trainer(["--compile", "True"])
     figures = {}
     started = time.perf_counter()
     trainer.warm_up()
