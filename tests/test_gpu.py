@@ -1,5 +1,5 @@
 """MFU peaks per GPU and the fallbacks for GPUs that lack something (on the CPU, by patching what the code reads),
-and the CUDA checks, marked `cuda`: they skip without a GPU, and records/gpu_check.py runs them on one."""
+and the CUDA checks, marked `cuda`: they skip without a GPU, and bench/gpu_check.py runs them on one."""
 import json
 import os
 import subprocess
@@ -73,7 +73,7 @@ def test_tf32_is_set_only_where_it_exists(monkeypatch):
         assert calls == expected
 
 
-# --- on a GPU (pytest -m cuda; records/gpu_check.py fails a skip there)
+# --- on a GPU (pytest -m cuda; bench/gpu_check.py fails a skip there)
 
 def on_gpu(test):
     return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
@@ -153,11 +153,11 @@ def test_measured_peak_memory_is_within_the_estimate(tmp_path, char_data):
     assert torch.cuda.max_memory_allocated() <= trainer.memory_needed
 
 
-# --- records/gpu_check.py, rehearsed on the CPU so that it cannot rot before a GPU comes
+# --- bench/gpu_check.py, rehearsed on the CPU so that it cannot rot before a GPU comes
 
 def gpu_check(tmp_path, *args):
     out = tmp_path / "report"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "records", "gpu_check.py"), "--device", "cpu",
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--device", "cpu",
                              "--out", str(out), *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
     with open(out / "report.json") as f:
         return result, json.load(f), (out / "report.md").read_text()

@@ -1,4 +1,4 @@
-"""records/submit.py: a record from fresh fixed-budget runs into a temporary copy of records/, and refusals."""
+"""records/submit.py: a record from fresh fixed-budget runs into a temporary records folder, and refusals."""
 import datetime
 import shutil
 import subprocess
@@ -22,19 +22,21 @@ def runs(tmp_path_factory):
 
 
 def records_copy(tmp_path, target, slower_row=True):
-    """records/README.md in a temporary records folder, with a `tiny` track on the runs' data at `target`."""
+    """A temporary records folder with the real shakespeare_char track and a `tiny` track on the runs' data at
+    `target`, whose README is shakespeare_char's with its track table and record rows replaced."""
     records = tmp_path / "records"
-    records.mkdir()
-    text = (Path(ROOT) / "records" / "README.md").read_text()
-    anchor = "| `shakespeare_char` |"
-    assert anchor in text
-    text = text.replace(anchor, f"| `tiny` | `tiny_char/train_*.bin` | `tiny_char/val_*.bin` | {target:.4f} | any "
-                                f"| any |\n{anchor}", 1)
-    row = "| 999.0 s (mean of 3) | an older, slower record | 2026-01-01 | [logs](tiny/old) | someone |\n"
-    text += ("\n### `tiny`\n\n| time | description | date | log | contributors |\n"
-             "|------|-------------|------|-----|--------------|\n")
-    text += row if slower_row else "| (none yet) | | | | |\n"
-    (records / "README.md").write_text(text)
+    real = (Path(ROOT) / "records" / "shakespeare_char" / "README.md").read_text()
+    (records / "shakespeare_char").mkdir(parents=True)
+    (records / "shakespeare_char" / "README.md").write_text(real)
+    lines = real.split("\n")
+    fixed = lines.index("| train data | val data | target val loss | val tokens | hardware |") + 2
+    lines[fixed] = f"| `tiny_char/train_*.bin` | `tiny_char/val_*.bin` | {target:.4f} | any | any |"
+    table = next(i for i, line in enumerate(lines) if line.startswith("| time | description |")) + 2
+    end = next(i for i in range(table, len(lines)) if not lines[i].startswith("|"))
+    row = "| 999.0 s (mean of 3) | an older, slower record | 2026-01-01 | [logs](old) | someone |"
+    lines[table:end] = [row if slower_row else "| (none yet) | | | | |"]
+    (records / "tiny").mkdir()
+    (records / "tiny" / "README.md").write_text("\n".join(lines))
     return records
 
 
@@ -62,10 +64,10 @@ def test_submit_adds_a_record_and_its_row(runs, tmp_path):
     assert (folder / "run1" / "metrics.jsonl").is_file()
     readme = (folder / "README.md").read_text()
     assert "--reproduce 20" in readme and "t = " in readme
-    table = (records / "README.md").read_text().split("### `tiny`")[1].splitlines()
+    table = (records / "tiny" / "README.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| ") and "s (mean of" in line]
-    assert len(rows) == 2 and f"[logs](tiny/{folder.name})" in rows[0] and "older, slower" in rows[1]
-    assert not list((records / "tiny").glob(".*"))  # no temporary folder left
+    assert len(rows) == 2 and f"[logs]({folder.name})" in rows[0] and "older, slower" in rows[1]
+    assert not list((records / "tiny").glob(".*"))  # no temporary folder or README left
     check = subprocess.run([sys.executable, str(VERIFY), "--target", f"{passing_target(runs):.4f}",
                             *sorted(folder.glob("*.txt"))], capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and check.stdout.count("[metrics.jsonl checked]") == 3, check.stdout
@@ -75,13 +77,13 @@ def test_submit_adds_a_record_and_its_row(runs, tmp_path):
 
 def test_submit_refuses_another_tracks_data(runs, tmp_path):
     records = records_copy(tmp_path, passing_target(runs), slower_row=False)
-    before = (records / "README.md").read_text()
+    before = (records / "shakespeare_char" / "README.md").read_text()
     r = submit(records, "shakespeare_char", *runs)
     assert r.returncode == 2, r.stdout + r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert "input_bin" in r.stderr and "tinyshakespeare_char/train_*.bin" in r.stderr
-    assert not (records / "shakespeare_char").exists()
-    assert (records / "README.md").read_text() == before
+    assert [p.name for p in (records / "shakespeare_char").iterdir()] == ["README.md"]
+    assert (records / "shakespeare_char" / "README.md").read_text() == before
 
 
 def test_submit_refuses_a_mean_not_below_the_target(runs, tmp_path):
@@ -89,7 +91,7 @@ def test_submit_refuses_a_mean_not_below_the_target(runs, tmp_path):
     records = records_copy(tmp_path, min(finals) - 0.01, slower_row=False)
     r = submit(records, "tiny", *runs)
     assert r.returncode == 2 and "not below the target" in r.stderr and "p = " in r.stderr, r.stderr
-    assert not (records / "tiny").exists()
+    assert [p.name for p in (records / "tiny").iterdir()] == ["README.md"]
 
 
 def test_submit_refuses_a_tampered_log(runs, tmp_path):

@@ -3,7 +3,7 @@
 step at batch 1, and the estimated peak GPU memory (train_gpt.estimate_train_memory) at the preset's micro-batch and
 smaller ones, so a user with a 24 GB card knows which --batch_size fits.
 
-    python records/gpt2_124m_cpu.py [--steps 3] [--mtp_steps 1]
+    python bench/gpt2_124m_cpu.py [--steps 3] [--mtp_steps 1]
 
 The CPU step runs in fp32 (the GPU path's bf16 autocast is slow on CPUs without bf16 units); its peak memory is the
 process's peak resident size less what it held before the model existed, and the script prints the estimate for

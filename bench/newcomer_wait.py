@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How long a newcomer waits: `./run.sh` on the CPU from a fresh clone, wall-clock against the train time it logs.
 
-    python records/newcomer_wait.py [--runs 2] [--commit REV] [--keep DIR]
+    python bench/newcomer_wait.py [--runs 2] [--commit REV] [--keep DIR]
 
 Clones this checkout's HEAD (or --commit) into a temporary folder, then runs `./run.sh` there --runs times with one
 compile cache (TORCHINDUCTOR_CACHE_DIR, and TMPDIR for the precompiled header) that starts empty: the first run is

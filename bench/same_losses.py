@@ -2,7 +2,7 @@
 """Whether a change to train_gpt.py left training alone: the same short runs with this checkout's train_gpt.py and
 with another revision's, every logged loss compared exactly.
 
-    python records/same_losses.py REV [--data data/shakespeare_char]
+    python bench/same_losses.py REV [--data data/shakespeare_char]
 
 Each case is a 30-step run of a small model (2 layers, width 64, context 32, batch 8, eager, one thread) on the
 given char-level shards, with a recipe, optimizer or feature switched: the speedrun (Muon), classic (AdamW),

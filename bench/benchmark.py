@@ -16,11 +16,11 @@ Suites:
               with one piece switched off (or one setting put back to the preset's) at a time, on every seed.
 
 Usage:
-  python records/benchmark.py --suite features [--steps 2000] [--seeds 1337]
-  python records/benchmark.py --suite optimizers [--steps 2000] [--sweep_steps 2000] [--seeds 1338]
-  python records/benchmark.py --suite recipes [--steps 3000] [--seeds 1337 1338 1339] [--ablate]
-  python records/benchmark.py --suite features --steps 20 --only mha gqa1       # a smoke test of two configs
-  python records/benchmark.py --suite recipes --steps 8 --seeds 1 --data /tmp/tiny \\
+  python bench/benchmark.py --suite features [--steps 2000] [--seeds 1337]
+  python bench/benchmark.py --suite optimizers [--steps 2000] [--sweep_steps 2000] [--seeds 1338]
+  python bench/benchmark.py --suite recipes [--steps 3000] [--seeds 1337 1338 1339] [--ablate]
+  python bench/benchmark.py --suite features --steps 20 --only mha gqa1       # a smoke test of two configs
+  python bench/benchmark.py --suite recipes --steps 8 --seeds 1 --data /tmp/tiny \\
       --extra "--n_layer 1 --n_embd 32 --n_head 2 --block_size 16 --batch_size 4"  # appended to every run
 
 Data: --data DIR (default data/tinyshakespeare_char) must hold train_*.bin and val_*.bin.
@@ -631,7 +631,7 @@ def resolve_args(parser, argv):
 def header(args):
     shown = " ".join(shlex.quote(a) for a in args.argv)
     lines = [f"# benchmark: {args.suite}", machine_line(),
-             f"command: `python records/benchmark.py {shown}`",
+             f"command: `python bench/benchmark.py {shown}`",
              f"steps {args.steps}, seeds {' '.join(map(str, args.seeds))}, eval_interval {args.eval_interval}, "
              f"data {args.data}, logs {args.log_dir}" + (f", extra `{args.extra}`" if args.extra else "")]
     recipes = ["classic"] if args.suite != "recipes" else ["classic", "speedrun"]

@@ -2,7 +2,7 @@
 """How many val tokens a stable estimate needs: the val loss of a trained model over disjoint subsets of the val
 split, by subset size.
 
-    python records/val_spread.py [--model logs/RUN/model.pt] [--data data/shakespeare_char]
+    python bench/val_spread.py [--model logs/RUN/model.pt] [--data data/shakespeare_char]
 
 Without --model it first trains what `./run.sh` trains on the CPU (the shakespeare_char preset, speedrun recipe, to
 its target) into a temporary folder. The val split is cut into the windows validation scores (block_size tokens

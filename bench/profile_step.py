@@ -6,9 +6,9 @@ untimed steps warm it up (and compile it with --compile True), then --steps step
 table lists the operators with the most self CPU time; its total is the profiled steps' CPU time.
 
 Usage:
-  python records/profile_step.py [--steps 20] [--rows 15] [--sort self_cpu_time_total] [-- TRAIN_GPT_FLAGS ...]
-  python records/profile_step.py -- --recipe classic
-  python records/profile_step.py -- --batch_size 48 --compile True
+  python bench/profile_step.py [--steps 20] [--rows 15] [--sort self_cpu_time_total] [-- TRAIN_GPT_FLAGS ...]
+  python bench/profile_step.py -- --recipe classic
+  python bench/profile_step.py -- --batch_size 48 --compile True
 """
 
 import argparse

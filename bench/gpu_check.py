@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The prepared measurement of a lent GPU: one command, a fixed time budget, a report written as it goes.
 
-    python records/gpu_check.py                       # on a CUDA machine: writes records/gpu/<date>_<gpu>/
-    python records/gpu_check.py --out DIR             # the report elsewhere (on the lent machine: $OUT)
-    python records/gpu_check.py --device cpu --out DIR   # the same sequence with tiny shapes, as a test runs it
+    python bench/gpu_check.py                       # on a CUDA machine: writes bench/results/gpu/<date>_<gpu>/
+    python bench/gpu_check.py --out DIR             # the report elsewhere (on the lent machine: $OUT)
+    python bench/gpu_check.py --device cpu --out DIR   # the same sequence with tiny shapes, as a test runs it
 
 Parts, in order of value, each in its own subprocess with its own time limit (and never past the whole budget):
   machine   nvidia-smi, versions of python/torch/CUDA/Triton, the GPU's name and memory
@@ -206,7 +206,7 @@ def default_out_dir(device):
     if device == "cuda":
         import torch
         name = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(0)).strip("-")
-    return os.path.join(ROOT, "records", "gpu", f"{datetime.date.today():%Y-%m-%d}_{name}")
+    return os.path.join(ROOT, "bench", "results", "gpu", f"{datetime.date.today():%Y-%m-%d}_{name}")
 
 
 def main(argv=None):
@@ -215,7 +215,7 @@ def main(argv=None):
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="cuda: measure the GPU; cpu: the same sequence with tiny shapes (a rehearsal)")
-    parser.add_argument("--out", help="the report's folder (default records/gpu/<date>_<gpu>)")
+    parser.add_argument("--out", help="the report's folder (default bench/results/gpu/<date>_<gpu>)")
     parser.add_argument("--budget_s", type=float, default=420, help="seconds for all parts together (default 420)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per train part (default 6)")
     parser.add_argument("--eager", action="store_true",
@@ -233,7 +233,7 @@ def main(argv=None):
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
-            print("error: no CUDA GPU is visible; on a CPU run `python records/gpu_check.py --device cpu --out DIR`",
+            print("error: no CUDA GPU is visible; on a CPU run `python bench/gpu_check.py --device cpu --out DIR`",
                   file=sys.stderr)
             return 2
     if args.steps < 1 or args.budget_s <= 0:
@@ -242,7 +242,7 @@ def main(argv=None):
     out_dir = args.out or default_out_dir(args.device)
     os.makedirs(out_dir, exist_ok=True)
     deadline = time.perf_counter() + args.budget_s
-    command = "python records/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python bench/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = dict(date=f"{datetime.datetime.now():%Y-%m-%d %H:%M}", device=args.device, budget_s=args.budget_s,
                   steps=args.steps, eager=args.eager, command=command)
     records = []

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What torch.compile costs the shakespeare_char speedrun on the CPU, and what two other ways to compile it would cost.
 
-    python records/compile_cost.py [--rounds 3] [--steps 30] [--variants one_graph regional blocks_shared]
+    python bench/compile_cost.py [--rounds 3] [--steps 30] [--variants one_graph regional blocks_shared]
 
 Variants (the last two are experiments, applied by this script only):
   one_graph      the model as train_gpt.py compiles it: one graph, the n-gram tables in it and the blocks unrolled
