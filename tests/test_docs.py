@@ -16,7 +16,8 @@ from conftest import ROOT
 
 ROOT = Path(ROOT)
 DOCS = ["README.md", "records/README.md", "bench/README.md",
-        *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("records/*/README.md"))]
+        *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("records/*/README.md")),
+        *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("records/*/*/README.md"))]
 RECORD_TOOLS = ["records/verify.py", "records/submit.py", "records/plot.py"]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 SPAN = re.compile(r"`([^`\n]+)`")
