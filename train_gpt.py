@@ -212,6 +212,15 @@ PRESETS = {
         recipes={"speedrun": dict(batch_size=48, max_iters=50, compile=True, learning_rate=0.012, muon_lr=0.05,
                                   embed_lr=0.1, head_lr=0.024, eval_interval=10, n_head=2, ngram_embed=4,
                                   value_embed=True)}),
+    # GPT-2's vocabulary on a 2-core CPU: gpt2_124m's recipes at a shape trained in minutes, on the complete plays
+    # in GPT-2 tokens (data/shakespeare.py --mode gpt2); the target is classic's val loss after its 500 steps,
+    # rounded up to a hundredth (records/shakespeare_gpt2/README.md); the speedrun adds the bigram table
+    "shakespeare_gpt2": dict(
+        input_bin="data/shakespeare_gpt2/train_*.bin", input_val_bin="data/shakespeare_gpt2/val_*.bin",
+        n_layer=4, n_head=4, n_embd=192, block_size=128, batch_size=16, grad_accum_steps=1, compile=True,
+        max_iters=500, dropout=0.0, eval_interval=50, log_interval=10, val_tokens=65_536, target_val_loss=5.20,
+        recipes={"speedrun": dict(GPT2_124M["recipes"]["speedrun"], max_iters=120, eval_interval=10,
+                                  ngram_embed=2)}),
     # GPT-2 small on FineWeb10B: the NanoGPT speedrun's track 1
     "gpt2_124m": GPT2_124M,
     # the same model on one GPU: smaller micro-batches, the first 1,048,576 val tokens
@@ -1013,6 +1022,87 @@ class Smear(nn.Module):
         return x + self.weight * torch.sigmoid(x[..., :self.gate.numel()] @ self.gate).unsqueeze(-1) * previous
 
 
+# Vocabulary entries in one block of logits that the head's loss holds at a time (a block is tokens x columns): on a
+# CPU a few MiB at a CPU micro-batch stays in cache and below glibc's 32 MiB mmap threshold, past which every fresh
+# block costs page faults; on a GPU, about 0.5 GiB of fp32 at gpt2_124m's micro-batch of 64 x 1024 tokens.
+LOGIT_BLOCK_COLUMNS = {"cpu": 512, "cuda": 2048}
+
+
+class HeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of the head's logits, soft-capped by cap (a 0-d tensor, or None for no cap):
+    cap * tanh(x @ weight.T / cap), against targets (-1: ignored), computed one block of the vocabulary at a time,
+    so the fp32 (tokens x vocabulary) logits never exist whole. The forward keeps each token's log-sum-exp, the
+    backward recomputes each block's logits (one matrix product more than the plain formula, and MiBs of logits
+    instead of GiBs). The matrix products run in `dtype` (autocast's), the rest in fp32 (or float64 for float64
+    inputs), as autocast runs the plain formula. Capped logits lie in [-cap, cap], so exp(z - cap) needs no running
+    maximum. (The cap is a tensor: a float argument can become symbolic under torch.compile's dynamic shapes, which
+    this function's graph cannot take.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, cap, dtype, block):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        xs = (x32 / cap if cap is not None else x32).to(dtype)
+        total = x32.new_zeros(x.size(0))
+        shift = cap.expand(x.size(0)) if cap is not None else x32.new_full((x.size(0),), -math.inf)
+        for start in range(0, weight.size(0), block):
+            z = HeadLoss.block_logits(xs, weight[start:start + block], cap, dtype)[0]
+            if cap is not None:
+                total = total + torch.exp(z - cap).sum(1)
+            else:  # a running maximum keeps exp() in range
+                new_shift = torch.maximum(shift, z.amax(1))
+                total = total * torch.exp(shift - new_shift) + torch.exp(z - new_shift[:, None]).sum(1)
+                shift = new_shift
+        lse = shift + torch.log(total)
+        valid = targets != -1
+        safe = torch.where(valid, targets, 0)
+        target_logit = (xs.to(x32.dtype) * weight[safe].to(dtype).to(x32.dtype)).sum(1)  # over cap, with a cap
+        target_logit = cap * HeadLoss.tanh(target_logit) if cap is not None else target_logit
+        count = valid.sum()
+        ctx.save_for_backward(x, weight, safe, valid, lse, target_logit, count, cap)
+        ctx.dtype, ctx.block = dtype, block
+        return torch.where(valid, lse - target_logit, 0).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, safe, valid, lse, target_logit, count, cap = ctx.saved_tensors
+        dtype, block = ctx.dtype, ctx.block
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        xs = (x32 / cap if cap is not None else x32).to(dtype)
+        x_low = x32.to(dtype)
+        scale = torch.where(valid, grad / count, 0)[:, None]
+        grad_x = torch.zeros_like(x32)
+        grad_w = torch.empty(weight.shape, dtype=x32.dtype, device=weight.device)
+        for start in range(0, weight.size(0), block):
+            w = weight[start:start + block].to(dtype)
+            z, t = HeadLoss.block_logits(xs, w, cap, dtype)
+            dz = torch.exp(z - lse[:, None]) * scale  # softmax, times the upstream gradient over the token count
+            if cap is not None:
+                dz = dz * (1 - t * t)  # through the soft-cap
+            dz = dz.to(dtype)
+            grad_x = grad_x + (dz @ w).to(x32.dtype)
+            grad_w[start:start + block] = dz.t() @ x_low
+        # the target's logit enters the loss with a minus sign
+        d_target = -scale * ((1 - (target_logit / cap) ** 2)[:, None] if cap is not None else 1)
+        grad_x = grad_x + d_target * weight[safe].to(x32.dtype)
+        grad_w.index_add_(0, safe, d_target * x32)
+        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None, None, None, None
+
+    @staticmethod
+    def block_logits(xs, w, cap, dtype):
+        """fp32 logits of one vocabulary block (and, with a cap, their tanh) from x prescaled by 1/cap."""
+        u = (xs @ w.to(dtype).t()).to(torch.promote_types(xs.dtype, torch.float32))
+        if cap is not None:
+            t = HeadLoss.tanh(u)
+            return cap * t, t
+        return u, None
+
+    @staticmethod
+    def tanh(u):
+        """tanh(u) as 2 sigmoid(2u) - 1: inductor vectorises sigmoid on the CPU and not tanh (half the time of the
+        head's elementwise work at GPT-2's vocabulary), within 2e-7 of torch.tanh in fp32."""
+        return 2 * torch.sigmoid(2 * u) - 1
+
+
 class MTPHead(nn.Module):
     """Turns the final hidden state at t into one for predicting token t+k (k >= 2), read by the shared head."""
 
@@ -1056,6 +1146,8 @@ class GPT(nn.Module):
         self.mtp_heads = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.mtp_steps - 1))
         # The auxiliary loss weight lives in a buffer filled in place, so its ramp never recompiles the model.
         self.register_buffer("mtp_weight", torch.zeros(()), persistent=False)
+        self.register_buffer("logit_cap", torch.tensor(cfg.logit_softcap) if cfg.logit_softcap > 0 else None,
+                             persistent=False)
         if not self.wte.weight.is_meta:  # a model on the meta device (count_params) has no values to set
             self.init_weights()
 
@@ -1078,6 +1170,16 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+    def head_loss(self, h, targets):
+        """The mean cross-entropy of the head's (soft-capped) logits for hidden states h against targets (-1:
+        ignored), the same as F.cross_entropy(self.logits(h), targets) without the whole fp32 logits (HeadLoss)."""
+        x = self.ln_f(h).flatten(0, -2)
+        weight = self.lm_head.weight[:self.cfg.real_vocab_size or self.cfg.vocab_size]
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        block = LOGIT_BLOCK_COLUMNS.get(device, LOGIT_BLOCK_COLUMNS["cuda"])  # fixed: shapes may be symbolic
+        return HeadLoss.apply(x, weight, targets.reshape(-1), self.logit_cap, dtype, block)
 
     def logits(self, h):
         logits = self.lm_head(self.ln_f(h))
@@ -1110,10 +1212,9 @@ class GPT(nn.Module):
         h = self.hidden(idx)
         if targets is None:
             return self.logits(h)
-        V = self.cfg.real_vocab_size or self.cfg.vocab_size
-        main = F.cross_entropy(self.logits(h).view(-1, V), targets[0].reshape(-1), ignore_index=-1)
-        aux = [F.cross_entropy(self.logits(head(h)).view(-1, V), targets[k].reshape(-1), ignore_index=-1)
-               for k, head in enumerate(self.mtp_heads, start=1) if k < targets.size(0)]
+        main = self.head_loss(h, targets[0])
+        aux = [self.head_loss(head(h), targets[k]) for k, head in enumerate(self.mtp_heads, start=1)
+               if k < targets.size(0)]
         if not aux:
             return main, main, main.new_zeros(0)
         aux = torch.stack(aux)
@@ -1158,11 +1259,11 @@ def estimate_train_memory(gcfg, micro_batch_size, precision):
     and two moments (AdamW's; Muon keeps one, so this errs high); the activations the backward pass keeps, 34
     bytes per token per layer per unit of width at 16-bit precision (Korthikanti et al., "Reducing Activation
     Recomputation in Large Transformer Models", 2022, less the attention matrix that fused attention never stores),
-    twice that in fp32; and the logits of every predicted offset, 14 bytes an element (the 16-bit matmul output,
-    its fp32 copy, the soft-capped values and the log-softmax)."""
+    twice that in fp32; and the head loss's block of logits on a GPU (HeadLoss), 22 bytes an element (the 16-bit
+    matmul output, its fp32 copy, the soft-capped values, their tanh and the gradient in fp32 and 16-bit)."""
     tokens = micro_batch_size * gcfg.block_size
     activation_bytes = 34 * tokens * gcfg.n_embd * gcfg.n_layer * (2 if precision == "fp32" else 1)
-    logit_bytes = 14 * tokens * gcfg.vocab_size * gcfg.mtp_steps
+    logit_bytes = 22 * tokens * min(LOGIT_BLOCK_COLUMNS["cuda"], gcfg.vocab_size)
     return 16 * count_params(gcfg) + activation_bytes + logit_bytes
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Run named suites of train_gpt.py configurations, one subprocess at a time, and tabulate them in markdown.
 
-Every run is `python train_gpt.py --preset shakespeare_char --device cpu ...` started from the repository root,
-with --run_id <suite>_<name>_<seed>, --seed, --max_iters <steps>, --eval_interval and the configuration's flags.
+Every run is `python train_gpt.py --preset PRESET --device cpu ...` started from the repository root (--preset:
+a CPU track's, shakespeare_char by default), with --run_id <suite>_<name>_<seed>, --seed, --max_iters <steps>,
+--eval_interval and the configuration's flags.
 
 Suites:
   features    --recipe classic, all steps (--target_val_loss 0): multi-head attention against grouped-query
@@ -10,20 +11,22 @@ Suites:
   optimizers  --recipe classic, all steps: a learning-rate sweep per optimizer at --sweep_steps (default --steps;
               grids in LR_GRID) on --sweep_seed, then every optimizer at its best rate for --steps on every seed
               (default 1338, a seed the sweep did not choose on; a seed/length the sweep already ran is reused).
-  recipes     classic against speedrun to --target (1.88), alternating, for every seed, each on its own step
-              budget (classic --steps; speedrun SPEEDRUN_SETTINGS' max_iters or --speedrun_steps) with the
-              speedrun's SPEEDRUN_SETTINGS; medians over seeds and their ratio. --ablate also runs the speedrun
-              with one piece switched off (or one setting put back to the preset's) at a time, on every seed.
+  recipes     classic against speedrun to --target (the track's), alternating, for every seed, each on its own
+              step budget (classic --steps; speedrun its settings' max_iters or --speedrun_steps) with the
+              speedrun's settings on the preset (speedrun_settings); medians over seeds and their ratio. --ablate
+              also runs the speedrun with one piece switched off (or one setting put back to the preset's, or a
+              piece it lacks switched on) at a time, on every seed.
 
 Usage:
   python bench/benchmark.py --suite features [--steps 2000] [--seeds 1337]
   python bench/benchmark.py --suite optimizers [--steps 2000] [--sweep_steps 2000] [--seeds 1338]
   python bench/benchmark.py --suite recipes [--steps 3000] [--seeds 1337 1338 1339] [--ablate]
+  python bench/benchmark.py --suite recipes --preset shakespeare_gpt2 --steps 500     # the BPE track
   python bench/benchmark.py --suite features --steps 20 --only mha gqa1       # a smoke test of two configs
   python bench/benchmark.py --suite recipes --steps 8 --seeds 1 --data /tmp/tiny \\
       --extra "--n_layer 1 --n_embd 32 --n_head 2 --block_size 16 --batch_size 4"  # appended to every run
 
-Data: --data DIR (default data/tinyshakespeare_char) must hold train_*.bin and val_*.bin.
+Data: --data DIR (default: the preset's track data, TRACKS) must hold train_*.bin and val_*.bin.
 Output: each run writes <log_dir>/<run_id>.txt and <log_dir>/<run_id>/metrics.jsonl (default log_dir
 logs/bench_<suite>_<timestamp>); the tables go to stdout and to --out (default <log_dir>/results.md), and every
 parsed run to the same path with a .json suffix. When --steps is shorter than a recipe's warmup plus warmdown,
@@ -50,9 +53,15 @@ if str(ROOT) not in sys.path:
 
 import train_gpt  # noqa: E402  (the recipes' schedules, the log format and the torch version)
 
-DEFAULT_DATA = "data/tinyshakespeare_char"
-DATA_HINT = ("make it with: python data/shakespeare.py --source tinyshakespeare "
-             "--input ../shared/data/tinyshakespeare.txt --out_dir data/tinyshakespeare_char")
+# The CPU tracks a benchmark runs on: their data, how to make it, and the target val loss (records/<preset>/README.md)
+TRACKS = {
+    "shakespeare_char": dict(data="data/tinyshakespeare_char", target=1.88,
+                             hint="make it with: python data/shakespeare.py --source tinyshakespeare "
+                                  "--input ../shared/data/tinyshakespeare.txt --out_dir data/tinyshakespeare_char"),
+    "shakespeare_gpt2": dict(data="data/shakespeare_gpt2",
+                             target=train_gpt.PRESETS["shakespeare_gpt2"]["target_val_loss"],
+                             hint="make it with: python data/shakespeare.py --mode gpt2"),
+}
 LOG = train_gpt.LOG_PATTERNS
 
 # --- suites: names and flags (edit here)
@@ -81,10 +90,13 @@ FALLBACK_LR = 2e-3
 
 RECIPES = ["classic", "speedrun"]
 
-# The speedrun's settings in the recipes suite: the recipe's own settings on the preset (its "recipes" entry),
-# passed as flags so each log says them. max_iters is the step budget (--speedrun_steps overrides it; the warmdown
-# stays WARMDOWN_FRACTION of it); eval_interval only sets how often the (untimed) validation checks for the target.
-SPEEDRUN_SETTINGS = train_gpt.PRESETS["shakespeare_char"]["recipes"]["speedrun"]
+def speedrun_settings(preset):
+    """The speedrun's settings in the recipes suite: the recipe's own settings on the preset (its "recipes" entry),
+    passed as flags so each log says them, with the preset's batch size where they keep it. max_iters is the step
+    budget (--speedrun_steps overrides it; the warmdown stays WARMDOWN_FRACTION of it); eval_interval only sets how
+    often the (untimed) validation checks for the target."""
+    entry = train_gpt.PRESETS[preset]
+    return {"batch_size": entry["batch_size"], **entry["recipes"]["speedrun"]}
 
 # speedrun with one feature switched off (or swapped for classic's choice)
 ABLATIONS = {
@@ -100,6 +112,10 @@ ABLATIONS = {
     "no_ngram_embed": ["--ngram_embed", "0"],
     "bigram_only": ["--ngram_embed", "2"],
     "no_value_embed": ["--value_embed", "False"],
+    # pieces off in a speedrun's settings, switched on
+    "with_bigram_embed": ["--ngram_embed", "2"],
+    "with_ngram_embed": ["--ngram_embed", "4"],
+    "with_value_embed": ["--value_embed", "True"],
     # pieces tried and not adopted: the speedrun with one of them switched on
     "with_embed_shortcut": ["--embed_shortcut", "True"],
     "with_smear": ["--smear", "True"],
@@ -257,7 +273,7 @@ class Bench:
     """What every run of one benchmark shares."""
 
     def __init__(self, args, progress):
-        self.suite, self.data, self.log_dir = args.suite, args.data, args.log_dir
+        self.suite, self.preset, self.data, self.log_dir = args.suite, args.preset, args.data, args.log_dir
         self.eval_interval, self.extra, self.progress = args.eval_interval, shlex.split(args.extra), progress
         self.results = []
         # features and optimizers run every step; recipes stop at the target (the preset's unless --target)
@@ -267,9 +283,9 @@ class Bench:
             self.target_flags = ["--target_val_loss", f"{args.target:g}"] if args.target is not None else []
 
 
-def schedule_note(recipe, steps):
+def schedule_note(preset, recipe, steps):
     """How train_gpt.py shortens the recipe's warmup/warmdown to fit `steps` (its short-run note), or None."""
-    cfg = train_gpt.resolve_config(["--preset", "shakespeare_char", "--device", "cpu", "--recipe", recipe,
+    cfg = train_gpt.resolve_config(["--preset", preset, "--device", "cpu", "--recipe", recipe,
                                     "--max_iters", str(steps), "--run_id", "schedule_note"])
     return next((note for note in cfg.notes if note.startswith("short-run:")), None)
 
@@ -277,7 +293,7 @@ def schedule_note(recipe, steps):
 def run_config(bench, name, flags, seed, steps, recipe, label=None):
     """Runs train_gpt.py once and returns a dict: the run's identity, ok/error, and parse_run's numbers."""
     run_id = f"{bench.suite}_{name}_{seed}"
-    argv = ["--preset", "shakespeare_char", "--device", "cpu", "--recipe", recipe,
+    argv = ["--preset", bench.preset, "--device", "cpu", "--recipe", recipe,
             "--input_bin", os.path.join(bench.data, "train_*.bin"),
             "--input_val_bin", os.path.join(bench.data, "val_*.bin"),
             "--run_id", run_id, "--log_dir", bench.log_dir, "--seed", str(seed),
@@ -435,17 +451,17 @@ def median(values):
 
 
 def speedrun_budget(args, settings=None):
-    """The speedrun's --max_iters: --speedrun_steps or SPEEDRUN_SETTINGS', scaled to the same tokens when
-    `settings` change the batch size."""
-    steps = args.speedrun_steps or SPEEDRUN_SETTINGS["max_iters"]
-    batch = (settings or {}).get("batch_size", SPEEDRUN_SETTINGS["batch_size"])
-    return max(1, round(steps * SPEEDRUN_SETTINGS["batch_size"] / batch))
+    """The speedrun's --max_iters: --speedrun_steps or its settings', scaled to the same tokens when `settings`
+    change the batch size."""
+    steps = args.speedrun_steps or args.settings["max_iters"]
+    batch = (settings or {}).get("batch_size", args.settings["batch_size"])
+    return max(1, round(steps * args.settings["batch_size"] / batch))
 
 
 def recipe_run(bench, args, recipe, seed):
     if recipe == "classic":
         return run_config(bench, recipe, [], seed, args.steps, recipe)
-    return run_config(bench, recipe, settings_flags(SPEEDRUN_SETTINGS), seed, speedrun_budget(args), recipe)
+    return run_config(bench, recipe, settings_flags(args.settings), seed, speedrun_budget(args), recipe)
 
 
 def time_summary(name, runs, **extra):
@@ -468,7 +484,7 @@ def recipes_suite(bench, args, report):
                ("train time (s)", "reached_time_s", ".1f"), ("tokens", "reached_tokens", ",.0f"),
                ("best val loss", "best_val_loss", ".4f"), ("final val loss", "final_val_loss", ".4f")]
     budgets = f"classic up to {args.steps} steps, speedrun up to {speedrun_budget(args)} steps with " \
-        f"`{' '.join(settings_flags(SPEEDRUN_SETTINGS))}`"
+        f"`{' '.join(settings_flags(args.settings))}`"
     if runs:
         report.add(f"## recipes: classic vs speedrun, target val loss {target}", budgets,
                    markdown_table(runs, columns), failure_notes(runs))
@@ -496,14 +512,14 @@ def recipes_suite(bench, args, report):
 def ablation_configs(args):
     """(name, flags, shown, steps) of every ablation --only keeps: a recipe piece switched off (shown: its flags),
     or a speedrun setting put back to the preset's (shown: the changed settings and the step budget)."""
-    speedrun = settings_flags(SPEEDRUN_SETTINGS)
+    speedrun = settings_flags(args.settings)
     out = [(name, speedrun + flags, " ".join(flags), speedrun_budget(args))
            for name, flags in ABLATIONS.items() if name in args.only]
     for name, changed in SETTING_ABLATIONS.items():
         if name in args.only:
             steps = speedrun_budget(args, changed)
             shown = " ".join(f"--{k} {v}" for k, v in changed.items()) + f" --max_iters {steps}"
-            out.append((name, settings_flags({**SPEEDRUN_SETTINGS, **changed}), shown, steps))
+            out.append((name, settings_flags({**args.settings, **changed}), shown, steps))
     return out
 
 
@@ -578,22 +594,24 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--suite", required=True, choices=list(SUITES), help="which suite to run")
-    parser.add_argument("--data", default=None, help=f"directory with train_*.bin and val_*.bin "
-                        f"(default {DEFAULT_DATA} in the repository)")
+    parser.add_argument("--preset", default="shakespeare_char", choices=list(TRACKS),
+                        help="the CPU track's preset every run starts from (default shakespeare_char)")
+    parser.add_argument("--data", default=None, help="directory with train_*.bin and val_*.bin (default: the "
+                        "track's, e.g. data/tinyshakespeare_char in the repository)")
     parser.add_argument("--steps", type=int, default=2000,
                         help="--max_iters of every run (recipes: the most steps to reach the target); default 2000")
     parser.add_argument("--speedrun_steps", type=int, default=None,
-                        help="recipes: the speedrun's --max_iters (default: SPEEDRUN_SETTINGS' max_iters)")
+                        help="recipes: the speedrun's --max_iters (default: its settings' max_iters)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds (default: 1337 for features, 1338 for optimizers, 1337 1338 1339 for recipes)")
     parser.add_argument("--sweep_steps", type=int, default=None,
                         help="optimizers: steps of each sweep run (default: --steps)")
     parser.add_argument("--sweep_seed", type=int, default=1337, help="optimizers: the sweep's seed; default 1337")
     parser.add_argument("--eval_interval", type=int, default=None,
-                        help="default 250 (recipes: 50; the speedrun takes SPEEDRUN_SETTINGS')")
-    parser.add_argument("--target", type=float, default=1.88,
-                        help="recipes: --target_val_loss of every run (default 1.88: nanoGPT's figure on "
-                             "tinyshakespeare)")
+                        help="default 250 (recipes: 50; the speedrun takes its settings')")
+    parser.add_argument("--target", type=float, default=None,
+                        help="recipes: --target_val_loss of every run (default: the track's, TRACKS; 1.88, "
+                             "nanoGPT's figure on tinyshakespeare, for shakespeare_char)")
     parser.add_argument("--ablate", action="store_true",
                         help="recipes: also run speedrun with each of its pieces off, one at a time, every seed")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
@@ -621,7 +639,9 @@ def resolve_args(parser, argv):
     if unknown:
         parser.error(f"--only {' '.join(unknown)}: not in suite {args.suite}; choose from {' '.join(valid)}")
     args.only = set(args.only or valid)
-    args.data = os.path.abspath(args.data) if args.data else str(ROOT / DEFAULT_DATA)
+    args.data = os.path.abspath(args.data) if args.data else str(ROOT / TRACKS[args.preset]["data"])
+    args.target = TRACKS[args.preset]["target"] if args.target is None else args.target
+    args.settings = speedrun_settings(args.preset)
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     args.log_dir = os.path.abspath(args.log_dir or ROOT / "logs" / f"bench_{args.suite}_{stamp}")
     args.out = os.path.abspath(args.out) if args.out else os.path.join(args.log_dir, "results.md")
@@ -636,7 +656,7 @@ def header(args):
              f"data {args.data}, logs {args.log_dir}" + (f", extra `{args.extra}`" if args.extra else "")]
     recipes = ["classic"] if args.suite != "recipes" else ["classic", "speedrun"]
     steps = [args.steps] + ([args.sweep_steps] if args.suite == "optimizers" else [])
-    notes = {(recipe, n): schedule_note(recipe, n) for recipe in recipes for n in steps}
+    notes = {(recipe, n): schedule_note(args.preset, recipe, n) for recipe in recipes for n in steps}
     scaled = [f"{recipe} at {n} steps: {note}" for (recipe, n), note in notes.items() if note]
     if scaled:
         lines.append("note: train_gpt.py shortened the schedule to fit: " + "; ".join(scaled))
@@ -647,7 +667,7 @@ def main(argv=None):
     parser = build_parser()
     args = resolve_args(parser, argv)
     if not (list(Path(args.data).glob("train_*.bin")) and list(Path(args.data).glob("val_*.bin"))):
-        print(f"error: no train_*.bin and val_*.bin in {args.data}; {DATA_HINT}", file=sys.stderr)
+        print(f"error: no train_*.bin and val_*.bin in {args.data}; {TRACKS[args.preset]['hint']}", file=sys.stderr)
         return 2
     suite, plan = SUITES[args.suite]
     bench = Bench(args, Progress(*plan(args)))

@@ -113,8 +113,8 @@ def test_speedrun_settings_become_flags_and_the_speedrun_runs_on_its_own_budget(
     # every setting is a train_gpt.py flag
     import train_gpt
     cfg = train_gpt.resolve_config(["--preset", "shakespeare_char", "--device", "cpu",
-                                    *bench.settings_flags(bench.SPEEDRUN_SETTINGS)])
-    for key, value in bench.SPEEDRUN_SETTINGS.items():
+                                    *bench.settings_flags(bench.speedrun_settings("shakespeare_char"))])
+    for key, value in bench.speedrun_settings("shakespeare_char").items():
         if key != "max_iters":
             assert getattr(cfg, key) == value
     proc = run_bench(tmp_path, "--suite", "recipes", "--steps", "6", "--speedrun_steps", "4", "--seeds", "1", "2",
@@ -155,7 +155,7 @@ def test_ablations_run_every_seed_and_setting_rows_keep_the_tokens(tmp_path):
                      "recipes_ablate_preset_batch_1", "recipes_ablate_no_softcap_2", "recipes_ablate_preset_batch_2"]
     bench = load_bench()
     preset = next(r for r in runs if "preset_batch" in r["run_id"])["argv"]
-    ratio = bench.SPEEDRUN_SETTINGS["batch_size"] // 12
+    ratio = bench.speedrun_settings("shakespeare_char")["batch_size"] // 12
     assert preset[preset.index("--max_iters") + 1] == str(4 * ratio)
     assert preset[preset.index("--batch_size") + 1] == "12"  # before --extra's tiny batch
     headers, rows = table((tmp_path / "logs" / "results.md").read_text(), "## recipes: speedrun ablations")
@@ -170,3 +170,20 @@ def test_median_counts_a_missed_target_as_slowest():
     assert bench.median([None, None, 1.0]) is None
     assert bench.median([4.0, 1.0, 2.0, 3.0]) == 2.5
     assert bench.median([]) is None
+
+
+def test_the_bpe_track_runs_its_own_preset_data_target_and_speedrun_settings(tmp_path):
+    """--preset shakespeare_gpt2: the track's data folder and target by default, the speedrun's settings from that
+    preset's recipes entry, and every run started from that preset."""
+    bench = load_bench()
+    args = bench.resolve_args(bench.build_parser(), ["--suite", "recipes", "--preset", "shakespeare_gpt2"])
+    import train_gpt
+    preset = train_gpt.PRESETS["shakespeare_gpt2"]
+    assert args.data == os.path.join(ROOT, "data", "shakespeare_gpt2") and args.target == preset["target_val_loss"]
+    assert args.settings == {"batch_size": preset["batch_size"], **preset["recipes"]["speedrun"]}
+    proc = run_bench(tmp_path, "--suite", "recipes", "--preset", "shakespeare_gpt2", "--steps", "2",
+                     "--speedrun_steps", "2", "--seeds", "1", "--only", "classic", extra=TINY + " --compile False")
+    assert proc.returncode == 0, proc.stderr
+    argv = json.loads((tmp_path / "logs" / "results.json").read_text())[0]["argv"]
+    assert argv[argv.index("--preset") + 1] == "shakespeare_gpt2"
+    assert argv[argv.index("--target_val_loss") + 1] == f"{preset['target_val_loss']:g}"

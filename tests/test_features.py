@@ -158,6 +158,53 @@ def test_smear_adds_the_gated_previous_embedding_in_float64():
     assert torch.allclose(smear(x), expected, atol=1e-12, rtol=0)
 
 
+# --- the head's loss, one block of the vocabulary at a time
+
+@pytest.mark.parametrize("cap", [0.0, 15.0, 0.5])
+@pytest.mark.parametrize("block", [7, 64, 1000])
+def test_head_loss_matches_the_plain_formula_in_float64(cap, block):
+    """Loss and both gradients of HeadLoss against F.cross_entropy over the whole soft-capped logits, in float64,
+    with ignored targets and blocks that do and do not divide the vocabulary."""
+    torch.manual_seed(0)
+    x = (3 * torch.randn(45, 24, dtype=torch.float64)).requires_grad_()
+    weight = torch.randn(101, 24, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 101, (45,))
+    targets[[0, 17, 44]] = -1
+    logits = x @ weight.t()
+    logits = cap * torch.tanh(logits / cap) if cap > 0 else logits
+    expected = F.cross_entropy(logits, targets, ignore_index=-1)
+    expected_grads = torch.autograd.grad(2.5 * expected, (x, weight))
+    cap_tensor = torch.tensor(cap, dtype=torch.float64) if cap > 0 else None
+    loss = train_gpt.HeadLoss.apply(x, weight, targets, cap_tensor, torch.float64, block)
+    grads = torch.autograd.grad(2.5 * loss, (x, weight))
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_model_loss_is_the_plain_cross_entropy_of_its_logits_with_padding_cut_off():
+    """GPT.head_loss scores the real vocabulary only (the padded head rows never enter), as
+    F.cross_entropy(model.logits(h)) does, with the same gradients for every parameter."""
+    torch.manual_seed(0)
+    model = train_gpt.GPT(small_config(vocab_size=64, real_vocab_size=50, logit_softcap=15.0, mtp_steps=2,
+                                       tie_embeddings=False))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 2, 16))
+    y[0, 0, :3] = -1
+    model.mtp_weight.fill_(0.5)
+    loss = model(x, y)[0]
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    h = model.hidden(x)
+    plain = [F.cross_entropy(model.logits(state).reshape(-1, 50), y[k].reshape(-1), ignore_index=-1)
+             for k, state in enumerate([h, model.mtp_heads[0](h)])]
+    expected = plain[0] + 0.5 * plain[1]
+    want = torch.autograd.grad(expected, list(model.parameters()))
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 # --- multi-token prediction
 
 def test_mtp_heads_score_their_own_predictions():
