@@ -26,7 +26,7 @@ Usage:
   python bench/benchmark.py --suite recipes --steps 8 --seeds 1 --data /tmp/tiny \\
       --extra "--n_layer 1 --n_embd 32 --n_head 2 --block_size 16 --batch_size 4"  # appended to every run
 
-Data: --data DIR (default: the preset's track data, TRACKS) must hold train_*.bin and val_*.bin.
+Data: --data DIR (default: the track's, records/<preset>/README.md) must hold train_*.bin and val_*.bin.
 Output: each run writes <log_dir>/<run_id>.txt and <log_dir>/<run_id>/metrics.jsonl (default log_dir
 logs/bench_<suite>_<timestamp>); the tables go to stdout and to --out (default <log_dir>/results.md), and every
 parsed run to the same path with a .json suffix. When --steps is shorter than a recipe's warmup plus warmdown,
@@ -53,14 +53,15 @@ if str(ROOT) not in sys.path:
 
 import train_gpt  # noqa: E402  (the recipes' schedules, the log format and the torch version)
 
-# The CPU tracks a benchmark runs on: their data, how to make it, and the target val loss (records/<preset>/README.md)
+sys.path.insert(0, str(ROOT / "records"))
+import submit  # noqa: E402  (the tracks' rules: records/<track>/README.md's track table)
+
+# The CPU tracks a benchmark runs on, and how to make each one's data; their data and target val loss come from
+# the track table of records/<preset>/README.md (track_rules)
 TRACKS = {
-    "shakespeare_char": dict(data="data/tinyshakespeare_char", target=1.88,
-                             hint="make it with: python data/shakespeare.py --source tinyshakespeare "
-                                  "--input ../shared/data/tinyshakespeare.txt --out_dir data/tinyshakespeare_char"),
-    "shakespeare_gpt2": dict(data="data/shakespeare_gpt2",
-                             target=train_gpt.PRESETS["shakespeare_gpt2"]["target_val_loss"],
-                             hint="make it with: python data/shakespeare.py --mode gpt2"),
+    "shakespeare_char": "make it with: python data/shakespeare.py --source tinyshakespeare "
+                        "--input ../shared/data/tinyshakespeare.txt --out_dir data/tinyshakespeare_char",
+    "shakespeare_gpt2": "make it with: python data/shakespeare.py --mode gpt2",
 }
 LOG = train_gpt.LOG_PATTERNS
 
@@ -89,6 +90,12 @@ LR_GRID = {
 FALLBACK_LR = 2e-3
 
 RECIPES = ["classic", "speedrun"]
+
+def track_rules(preset):
+    """The track's data folder (data/ plus the folder of its train shards) and its target val loss."""
+    rules = submit.read_track((ROOT / "records" / preset / "README.md").read_text(encoding="utf-8"), preset)
+    return ROOT / "data" / Path(rules["train"]).parent, rules["target"]
+
 
 def speedrun_settings(preset):
     """The speedrun's settings in the recipes suite: the recipe's own settings on the preset (its "recipes" entry),
@@ -610,8 +617,8 @@ def build_parser():
     parser.add_argument("--eval_interval", type=int, default=None,
                         help="default 250 (recipes: 50; the speedrun takes its settings')")
     parser.add_argument("--target", type=float, default=None,
-                        help="recipes: --target_val_loss of every run (default: the track's, TRACKS; 1.88, "
-                             "nanoGPT's figure on tinyshakespeare, for shakespeare_char)")
+                        help="recipes: --target_val_loss of every run (default: the track's, in "
+                             "records/<preset>/README.md; 1.88, nanoGPT's figure, for shakespeare_char)")
     parser.add_argument("--ablate", action="store_true",
                         help="recipes: also run speedrun with each of its pieces off, one at a time, every seed")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
@@ -639,8 +646,9 @@ def resolve_args(parser, argv):
     if unknown:
         parser.error(f"--only {' '.join(unknown)}: not in suite {args.suite}; choose from {' '.join(valid)}")
     args.only = set(args.only or valid)
-    args.data = os.path.abspath(args.data) if args.data else str(ROOT / TRACKS[args.preset]["data"])
-    args.target = TRACKS[args.preset]["target"] if args.target is None else args.target
+    data, target = track_rules(args.preset)
+    args.data = os.path.abspath(args.data) if args.data else str(data)
+    args.target = target if args.target is None else args.target
     args.settings = speedrun_settings(args.preset)
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     args.log_dir = os.path.abspath(args.log_dir or ROOT / "logs" / f"bench_{args.suite}_{stamp}")
@@ -667,7 +675,7 @@ def main(argv=None):
     parser = build_parser()
     args = resolve_args(parser, argv)
     if not (list(Path(args.data).glob("train_*.bin")) and list(Path(args.data).glob("val_*.bin"))):
-        print(f"error: no train_*.bin and val_*.bin in {args.data}; {TRACKS[args.preset]['hint']}", file=sys.stderr)
+        print(f"error: no train_*.bin and val_*.bin in {args.data}; {TRACKS[args.preset]}", file=sys.stderr)
         return 2
     suite, plan = SUITES[args.suite]
     bench = Bench(args, Progress(*plan(args)))
