@@ -5,7 +5,9 @@ README.md skeleton, and add the record's row to the record table in records/<tra
     python records/submit.py --track shakespeare_char --name MyChange --description "what changed" logs/a.txt ...
 
 A track is a folder of records/ with a README.md; its track table (data, target, val tokens, hardware) is the one
-place the track's rules are defined. Any refusal is one line on stderr and exit code 2, and leaves no record folder behind.
+place the track's rules are defined. Two logs with the same losses, or a log whose run a record already holds, are
+refused (verify.fingerprint); --description and --contributors are shown as text, their markdown escaped. Any
+refusal is one line on stderr and exit code 2, and leaves no record folder behind.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import urllib.parse
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +29,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _WHOLE_RE = re.compile(r"^whole split \(([\d,]+)\)$")
 _CPU_CORES_RE = re.compile(r"^(\d+)-core CPU$")
 _TIME_CELL_RE = re.compile(r"^([\d.]+)\s*(ms|s|min|h)\b")
+# Markdown's characters that change a README's structure or formatting anywhere in a line, and at its start.
+_MD_SPECIAL_RE = re.compile(r"([\\`*_\[\]()<>|~#&$!])")
+_MD_LINE_START_RE = re.compile(r"^(\d*)([-+=]|(?<=\d)[.)])")
 # Val windows cover the whole split when less than one context window (plus the few tokens held back as shifted
 # targets) is left over.
 VAL_SLACK_TOKENS = 8
@@ -109,6 +115,12 @@ def check_track(r: dict, name: str, track: dict) -> None:
                       "runs its whole budget (--target_val_loss 0)")
 
 
+def md_text(text: str) -> str:
+    """Text as markdown that shows it as typed, on one line: whitespace (newlines too) collapsed to single spaces,
+    markup characters escaped with a backslash, so it cannot change a table or a README's structure."""
+    return _MD_LINE_START_RE.sub(r"\1\\\2", _MD_SPECIAL_RE.sub(r"\\\1", " ".join(text.split())))
+
+
 def _row_seconds(row: str):
     m = _TIME_CELL_RE.match(_cells(row)[0])
     if not m:
@@ -139,8 +151,9 @@ def record_readme(track: str, spec: dict, name: str, description: str, folder: s
     first = parsed["header"]
     shas = sorted({r["code_sha256"] for r in results})
     budget = sorted({r["max_iters"] for r in results})
+    versions = (parsed["versions"] or {}).get("line")
     lines = [
-        f"# {track}: {name}, {summary['time_mean_s']:.1f} s mean train time over {summary['n']} runs",
+        f"# {track}: {md_text(name)}, {summary['time_mean_s']:.1f} s mean train time over {summary['n']} runs",
         "",
         description,
         "",
@@ -153,8 +166,8 @@ def record_readme(track: str, spec: dict, name: str, description: str, folder: s
         f"| mean train time | {summary['time_mean_s']:.2f} s (std {summary['time_std_s']:.2f} s) |",
         f"| mean final val loss | {summary['loss_mean']:.4f} (std {summary['loss_std']:.4f}) |",
         f"| one-sided t-test, mean < {spec['target']:g} | t = {summary['t']:.3f}, p = {summary['p']:.3g} |",
-        f"| hardware | {first.get('cpu', '(see the logs)')} |",
-        f"| versions | {(parsed['versions'] or {}).get('line', '(see the logs)')} |",
+        f"| hardware | {md_text(first['cpu']) if first.get('cpu') else '(see the logs)'} |",
+        f"| versions | {md_text(versions) if versions else '(see the logs)'} |",
         f"| code_sha256 | {', '.join(shas)} |",
         "",
         "| log | max_iters | train time | final val loss |",
@@ -162,8 +175,8 @@ def record_readme(track: str, spec: dict, name: str, description: str, folder: s
     ]
     for r in results:
         log = Path(r["path"]).name
-        lines.append(f"| [{log}]({log}) | {r['max_iters']} | {r['train_time_ms'] / 1000:.2f} s | "
-                     f"{r['final_val_loss']:.4f} |")
+        lines.append(f"| [{md_text(log)}]({urllib.parse.quote(log)}) | {r['max_iters']} | "
+                     f"{r['train_time_ms'] / 1000:.2f} s | {r['final_val_loss']:.4f} |")
     hint = verify.data_hint(spec["train"])
     lines += [
         "",
@@ -199,8 +212,27 @@ def load_track(records_dir: Path, track: str) -> tuple[Path, str, dict]:
     return readme_path, readme, read_track(readme, track)
 
 
-def verified_runs(logs: list, track: str, spec: dict) -> tuple[list, dict]:
-    """Each log verified against the track's rules, and the statistics of them all; Refused unless p < 0.01."""
+def refuse_copies(results: list, records_dir: Path) -> None:
+    """Refused where two logs print the same losses (one run under two names), or where a log under records_dir
+    (any track, any file name) already holds a log's run (see verify.fingerprint)."""
+    held = verify.runs_held((p, p.read_text(encoding="utf-8", errors="replace"))
+                            for p in sorted(records_dir.rglob("*.txt")))
+    earlier = {}
+    for r in results:
+        key = verify.fingerprint(r["parsed"])
+        if key in earlier:
+            raise Refused(f"{r['path']}: the same losses as {earlier[key]}: a copy of one run under another name; "
+                          f"{verify.ONE_SEED_EACH}")
+        other = held.get(key, [None])[0]
+        if other is not None:
+            raise Refused(f"{r['path']}: the same losses as {other}: a record already holds this run; "
+                          f"{verify.ONE_SEED_EACH}")
+        earlier[key] = r["path"]
+
+
+def verified_runs(logs: list, track: str, spec: dict, records_dir: Path) -> tuple[list, dict]:
+    """Each log verified against the track's rules, none a copy of another or of a record's, and the statistics of
+    them all; Refused unless p < 0.01."""
     names = [Path(p).name for p in logs]
     if len(set(names)) != len(names):
         raise Refused("two logs have the same file name; a record folder holds each log under its own name")
@@ -217,6 +249,7 @@ def verified_runs(logs: list, track: str, spec: dict) -> tuple[list, dict]:
                           "submit the log from the folder its run wrote it to")
         check_track(r, track, spec)
         results.append(r)
+    refuse_copies(results, records_dir)
     summary = verify.summarize(results, target=spec["target"])
     if summary["p"] is None or summary["p"] >= verify.P_MAX:
         why = f"p = {summary['p']:.3g}" if summary["p"] is not None else summary["p_reason"]
@@ -257,17 +290,20 @@ def submit(args) -> str:
     readme_path, readme, spec = load_track(records_dir, args.track)
     if not _NAME_RE.match(args.name):
         raise Refused(f"--name {args.name!r}: use letters, digits, '_' and '-' (e.g. MuonWarmup)")
+    for flag, text in (("--description", args.description), ("--contributors", args.contributors)):
+        if not text.split():
+            raise Refused(f"{flag} is empty; give one line of text for the record table")
     date = datetime.date.today().isoformat()
     folder_name = f"{date}_{args.name}"
     final_dir = records_dir / args.track / folder_name
     if final_dir.exists():
         raise Refused(f"{final_dir} already exists; choose another --name")
-    results, summary = verified_runs(args.logs, args.track, spec)
+    results, summary = verified_runs(args.logs, args.track, spec, records_dir)
 
     shown = f"{records_dir.resolve().name}/{args.track}/{folder_name}"  # as run from the folder above records/
-    description = " ".join(args.description.split()).replace("|", "/")
+    description, contributors = md_text(args.description), md_text(args.contributors)
     row = (f"| {summary['time_mean_s']:.1f} s (mean of {summary['n']}) | {description} | {date} | "
-           f"[logs]({folder_name}) | {args.contributors.replace('|', '/')} |")
+           f"[logs]({folder_name}) | {contributors} |")
     record_text = record_readme(args.track, spec, args.name, description, shown, results, summary)
     write_record(final_dir, results, record_text, readme_path, add_row(readme, args.track, row))
     return (f"submitted {final_dir}: {summary['n']} runs, mean train time {summary['time_mean_s']:.1f} s, mean final "
@@ -279,8 +315,10 @@ def main(argv=None) -> int:
     ap.add_argument("logs", nargs="+", metavar="LOG", help="run logs (logs/<run_id>.txt), each its whole budget")
     ap.add_argument("--track", required=True, help="track name: a folder of records/ with a README.md")
     ap.add_argument("--name", required=True, help="short name of the record, e.g. MuonWarmup")
-    ap.add_argument("--description", default="(describe the change)", help="one line for the record table")
-    ap.add_argument("--contributors", default="(unknown)", help="who made it, for the record table")
+    ap.add_argument("--description", default="(describe the change)",
+                    help="one line for the record table, shown as text (whitespace collapsed, markdown escaped)")
+    ap.add_argument("--contributors", default="(unknown)",
+                    help="who made it, for the record table, shown as text like --description")
     ap.add_argument("--records_dir", default=str(Path(__file__).resolve().parent),
                     help="the records folder holding the tracks' folders (default: this script's folder, records/)")
     args = ap.parse_args(argv)

@@ -4,9 +4,13 @@
     python records/verify.py LOG [LOG ...]                 # structure, metrics.jsonl, t-test of the mean val loss
     python records/verify.py --reproduce 200 LOG [LOG ...]  # also re-run each log's first 200 steps and compare
 
---reproduce runs a log's embedded source, in a child process, only when it is a known one (this checkout's
-train_gpt.py, one of its git versions, or a record's); another is refused with a diff summary unless
---run-unknown-code is given.
+--reproduce runs a log's embedded source, in a child process, only when git vouches for it (train_gpt.py at a
+commit of HEAD's history, or the source of a log under records/ as committed in HEAD); another is refused with a
+diff summary unless --run-unknown-code is given. It also sets the reproduced train time against the logged one and,
+on the same hardware, flags a logged time far below it.
+
+Two logs with the same losses (see fingerprint) are one run under two names: the later one fails, as does a log
+with the losses of a log under records/ at another path.
 
 A log is accepted when its embedded source hashes to its `code_sha256:` line, every step line parses, train_time
 never decreases, the train and val lines sit exactly on the log_interval / eval_interval grid up to where the run
@@ -561,6 +565,12 @@ REPRODUCE_DROP = ("run_id", "log_dir", "resume", "wandb", "wandb_project", "wand
 TOLERANCE_BASE = 0.001
 TOLERANCE_PER_STEP = 0.00015
 TOLERANCE_MAX = 0.05
+# How far below its reproduction on the same hardware a logged train time may be: the 7 runs of one record on one
+# 2-core CPU are up to 32% apart (records/shakespeare_char/2026-11-29_SpeedrunNgram, 40 steps: 8.65 s to 12.68 s).
+TIME_NOISE = 0.35
+# The train time is judged only where the reproduction ran at least this long by the last compared step: below it,
+# the first steps' start-up and the millisecond clock weigh too much.
+TIME_MIN_MS = 1000
 
 
 class ReproduceError(Exception):
@@ -640,46 +650,116 @@ def reproduce_argv(parsed: dict, flags: set, log_dir: str, device: str | None, d
     return argv, device
 
 
-def _git_versions() -> dict[str, str]:
-    """{text: 'train_gpt.py at commit <short hash>'} for each commit of this checkout that changed train_gpt.py;
-    {} without git or outside a clone."""
+def _git(root: Path, *args: str, stdin: bytes | None = None) -> bytes:
+    return subprocess.run(["git", *args], cwd=root, input=stdin, capture_output=True, timeout=60, check=True).stdout
+
+
+def _is_clone(root: Path) -> bool:
+    """Whether root is the top folder of a git clone (not a folder inside another repository)."""
     try:
-        commits = subprocess.run(["git", "rev-list", "HEAD", "--", "train_gpt.py"], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=60, check=True).stdout.split()
-        batch = subprocess.run(["git", "cat-file", "--batch"], input="".join(f"{c}:train_gpt.py\n" for c in commits)
-                               .encode(), cwd=ROOT, capture_output=True, timeout=60, check=True).stdout
+        top = _git(root, "rev-parse", "--show-toplevel").decode("utf-8", "replace").strip()
     except (OSError, subprocess.SubprocessError):
-        return {}
-    versions, at = {}, 0
-    for commit in commits:  # each answer: "<hash> blob <size>\n<size bytes>\n", or "<name> missing\n"
+        return False
+    return Path(top).resolve() == Path(root).resolve()
+
+
+def _git_blobs(root: Path, names: list[str]) -> list[bytes | None]:
+    """The content of each object name (a blob's hash, or <commit>:<path>), None where it is no blob, from one
+    `git cat-file --batch`."""
+    batch = _git(root, "cat-file", "--batch", stdin="".join(f"{name}\n" for name in names).encode())
+    blobs, at = [], 0
+    for _ in names:  # each answer: "<hash> <type> <size>\n<size bytes>\n", or "<name> missing\n"
         header_end = batch.index(b"\n", at)
         header = batch[at:header_end].split()
         at = header_end + 1
-        if header[-1] == b"missing":
+        if len(header) != 3 or not header[2].isdigit():
+            blobs.append(None)
             continue
         size = int(header[2])
-        versions.setdefault(batch[at:at + size].decode("utf-8", "replace"), f"train_gpt.py at commit {commit[:9]}")
+        blobs.append(batch[at:at + size] if header[1] == b"blob" else None)
         at += size + 1
+    return blobs
+
+
+def _git_versions(root: Path) -> dict[str, str]:
+    """{text: 'train_gpt.py at commit <short hash>'} for each commit of HEAD's history that changed train_gpt.py;
+    {} without git or outside a clone."""
+    if not _is_clone(root):
+        return {}
+    try:
+        commits = _git(root, "rev-list", "HEAD", "--", "train_gpt.py").decode().split()
+        blobs = _git_blobs(root, [f"{commit}:train_gpt.py" for commit in commits])
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    versions = {}
+    for commit, blob in zip(commits, blobs):
+        if blob is not None:
+            versions.setdefault(blob.decode("utf-8", "replace"), f"train_gpt.py at commit {commit[:9]}")
     return versions
 
 
-def known_sources() -> dict[str, tuple[str, str]]:
-    """{sha256: (where, text)} of the sources a reviewer already has: this checkout's train_gpt.py, its versions in
-    the checkout's git history, and the source embedded in each log under records/."""
-    found = {(ROOT / "train_gpt.py").read_text(encoding="utf-8"): "train_gpt.py in this checkout"}
-    for text, where in _git_versions().items():
-        found.setdefault(text, where)
-    for log in sorted((ROOT / "records").rglob("*.txt")):
-        source = parse_log(log.read_text(encoding="utf-8", errors="replace"))["source"]
+def committed_logs(root: Path = ROOT) -> list[tuple[str, str]]:
+    """(path, text) of each *.txt under records/ as committed in HEAD, whatever the working tree holds now;
+    [] without git or outside a clone."""
+    if not _is_clone(root):
+        return []
+    try:
+        entries = _git(root, "ls-tree", "-r", "-z", "HEAD", "--", "records").decode("utf-8", "replace").split("\0")
+        files = [(meta.split()[2], path) for meta, _, path in (e.partition("\t") for e in entries if e)
+                 if meta.split()[1] == "blob" and path.endswith(".txt")]
+        blobs = _git_blobs(root, [sha for sha, _ in files])
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [(path, blob.decode("utf-8", "replace")) for (_, path), blob in zip(files, blobs) if blob is not None]
+
+
+def known_sources(root: Path = ROOT) -> dict[str, tuple[str, str]]:
+    """{sha256: (where, text)} of the sources git vouches for: train_gpt.py at each commit of HEAD's history (so the
+    working tree's train_gpt.py only where it is one of them) and the source embedded in each log under records/
+    as committed in HEAD (an untracked or edited log is not trusted); {} without git or outside a clone."""
+    found = dict(_git_versions(root))
+    for path, text in committed_logs(root):
+        source = parse_log(text)["source"]
         if source is not None:  # a text that is no log has none
-            found.setdefault(source, f"the source of {log.relative_to(ROOT)}")
+            found.setdefault(source, f"the source of {path} as committed")
     return {hashlib.sha256(text.encode("utf-8")).hexdigest(): (where, text) for text, where in found.items()}
+
+
+def fingerprint(parsed: dict) -> tuple:
+    """One run's losses as printed, with their steps: (step, kind, loss) of each effective step line, not the
+    times, so the same run under another name, or with its times edited, has the same fingerprint."""
+    return tuple((e["step"], e["kind"], e["loss_str"]) for e in effective_steps(parsed))
+
+
+def runs_held(logs) -> dict[tuple, list[Path]]:
+    """{fingerprint: the resolved paths that print it} of (path, text) pairs; texts with no step line are left out."""
+    held: dict[tuple, list[Path]] = {}
+    for path, text in logs:
+        key, resolved = fingerprint(parse_log(text)), Path(path).resolve()
+        if key and resolved not in held.setdefault(key, []):
+            held[key].append(resolved)
+    return held
+
+
+def record_runs(root: Path = ROOT) -> dict[tuple, list[Path]]:
+    """runs_held of the logs under root/records, as committed in HEAD and as present in the working tree."""
+    present = [(p, p.read_text(encoding="utf-8", errors="replace")) for p in sorted((root / "records").rglob("*.txt"))]
+    return runs_held([(root / path, text) for path, text in committed_logs(root)] + present)
+
+
+def held_elsewhere(held: dict[tuple, list[Path]], parsed: dict, path) -> Path | None:
+    """The first log in `held` with the same fingerprint as this one, at another resolved path; None if none."""
+    here = Path(path).resolve()
+    return next((p for p in held.get(fingerprint(parsed), []) if p != here), None)
 
 
 def source_identity(parsed: dict, known: dict[str, tuple[str, str]]) -> tuple[bool, str]:
     """(whether the log's source is a known one, one phrase: which one, or how it differs from the closest)."""
     if parsed["computed_sha256"] in known:
         return True, f"identical to {known[parsed['computed_sha256']][0]}"
+    if not known:
+        return False, (f"not a known train_gpt.py (sha256 {parsed['computed_sha256'][:16]}...): no source is known "
+                       "here (not a git clone, or no git)")
     ours = parsed["source"].splitlines()
     closest, where = max(((difflib.SequenceMatcher(None, text.splitlines(), ours, autojunk=False), where)
                           for where, text in known.values()), key=lambda pair: pair[0].ratio())
@@ -833,12 +913,42 @@ def _compare(parsed: dict, lines: list[str], n_steps: int, tolerance: float | No
                 f"difference {result['max_diff'] or 0.0:.4f})")
 
 
+def _compare_time(parsed: dict, lines: list[str], n_steps: int, why_not: str) -> tuple[str | None, str | None]:
+    """The logged train time at the last step <= n_steps that both printed against the reproduced one, as one
+    phrase, and the reason to flag the log (or None): where the hardware is the same (why_not is empty) and the
+    reproduction ran at least TIME_MIN_MS, a logged time more than TIME_NOISE below the reproduced one."""
+    got = {}
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            rec = parse_step_line(line)
+            got[(rec["kind"], rec["step"])] = rec["train_time_ms"]
+    pairs = [(e, got[(e["kind"], e["step"])]) for e in effective_steps(parsed)
+             if 0 < e["step"] <= n_steps and (e["kind"], e["step"]) in got]
+    if not pairs:
+        return None, None
+    e, reproduced = pairs[-1]
+    logged = e["train_time_ms"]
+    phrase = f"logged {logged}ms at step:{e['step']}, reproduced {reproduced}ms"
+    phrase += f" ({logged / reproduced:.2f}x)" if reproduced else ""
+    if why_not:
+        return f"{phrase}; not judged: {why_not}", None
+    if not reproduced or reproduced < TIME_MIN_MS:
+        return (f"{phrase}; not judged: the reproduction ran under {TIME_MIN_MS}ms by then (reproduce more "
+                "steps)"), None
+    below = 1 - logged / reproduced
+    if below <= TIME_NOISE:
+        return phrase, None
+    return phrase, (f"the logged train time is {below:.0%} below the reproduction on the same hardware, more than "
+                    f"the {TIME_NOISE:.0%} noise allowed; the log's times may be forged")
+
+
 def reproduce(path, parsed: dict, n_steps: int, device: str | None = None, threads: int | None = None,
               tolerance: float | None = None) -> dict:
     """Re-creates the run from the log alone (its embedded source and header configuration), runs its first
     n_steps steps and compares every logged train and val loss at steps <= n_steps.
 
-    Raises ReproduceError for bad input. Returns ok, message (one line), compared, seconds, exact, max_diff."""
+    Raises ReproduceError for bad input. Returns ok, message (one line), compared, seconds, exact, max_diff, and
+    time (the train times compared, one phrase, or None) and time_flag (why the logged times look forged, or None)."""
     cpu = log_cpu(parsed)
     if threads is None and cpu:
         threads = cpu[2]
@@ -847,9 +957,14 @@ def reproduce(path, parsed: dict, n_steps: int, device: str | None = None, threa
         lines, device = _rerun(path, parsed, n_steps, device, threads)
     except _RunFailed as e:
         return {"ok": False, "compared": 0, "seconds": time.perf_counter() - started, "exact": False,
-                "max_diff": None, "message": str(e)}
+                "max_diff": None, "message": str(e), "time": None, "time_flag": None}
     seconds = time.perf_counter() - started
     exact, why = same_machine(parsed, device)
+    if exact and cpu and threads != cpu[2]:
+        why_time = f"{threads} torch threads, the log's {cpu[2]}"
+    else:
+        why_time = why and f"other hardware ({why})"
+    timing = _compare_time(parsed, lines, n_steps, why_time)
     if tolerance is None and exact:
         tolerance = 0.0
     if tolerance == 0:
@@ -858,7 +973,8 @@ def reproduce(path, parsed: dict, n_steps: int, device: str | None = None, threa
         mode = f"within min({TOLERANCE_BASE:g} + {TOLERANCE_PER_STEP:g} x step, {TOLERANCE_MAX:g}); {why}"
     else:
         mode = f"within {tolerance:g}" + (f"; {why}" if why else "")
-    result = dict(_compare(parsed, lines, n_steps, tolerance, mode), seconds=seconds, exact=tolerance == 0)
+    result = dict(_compare(parsed, lines, n_steps, tolerance, mode), seconds=seconds, exact=tolerance == 0,
+                  time=timing[0], time_flag=timing[1])
     if result["ok"]:
         result["message"] += f" in {seconds:.1f} s"
     return result
@@ -891,8 +1007,9 @@ def build_parser() -> OneLineParser:
                     help="re-create each run from its log (embedded source, header configuration) and compare "
                          "every logged loss at steps <= N; runs the log's code in a child process")
     ap.add_argument("--run-unknown-code", action="store_true",
-                    help="with --reproduce: also run a log whose source is not this checkout's train_gpt.py, one of "
-                         "its git versions or a record's (by default such a log is refused with a diff summary)")
+                    help="with --reproduce: also run a log whose source git does not vouch for: not train_gpt.py "
+                         "at a commit of HEAD's history, nor the source of a log under records/ as committed in "
+                         "HEAD (by default such a log is refused with a diff summary; without git, every log)")
     ap.add_argument("--device", default=None, help="with --reproduce: device to run on (default: the log's)")
     ap.add_argument("--threads", type=int, default=None,
                     help="with --reproduce: torch threads (default: the log's 'torch threads')")
@@ -942,6 +1059,50 @@ def parse_args(argv):
     return args
 
 
+ONE_SEED_EACH = "each run of a record needs its own seed (the same seed on the same machine prints the same losses)"
+
+
+def _check_copies(r: dict, earlier: dict, held: dict) -> None:
+    """Fails a verified log whose losses (its fingerprint) are an earlier log's among those given, or those of a log
+    under records/ at another path; earlier: {fingerprint: path} of the logs passed so far."""
+    if not r["ok"]:
+        return
+    key = fingerprint(r["parsed"])
+    if key in earlier:
+        r.update(ok=False, reason=f"the same losses as {earlier[key]}: a copy of one run under another name; "
+                                  f"{ONE_SEED_EACH}")
+        return
+    other = held_elsewhere(held, r["parsed"], r["path"])
+    if other is not None:
+        shown = other.relative_to(ROOT) if other.is_relative_to(ROOT) else other
+        r.update(ok=False, reason=f"the same losses as {shown}, a run a record already holds: a copy of it under "
+                                  f"another name; {ONE_SEED_EACH}")
+        return
+    earlier[key] = r["path"]
+
+
+def _reproduce_one(args, path: str, r: dict, known: dict) -> int:
+    """--reproduce for one verified log, its lines printed: 0 reproduced, 1 a mismatch or times that look forged,
+    2 bad input (a source that is not known, without --run-unknown-code; missing data)."""
+    is_known, identity = source_identity(r["parsed"], known)
+    if not is_known and not args.run_unknown_code:
+        print(f"error: {path}: not run: its source is {identity}; read it (above the log's line of '=') and "
+              "add --run-unknown-code to run it in a child process", file=sys.stderr)
+        return 2
+    print(f"source {r['path']}: {identity}" + ("" if is_known else "; run (--run-unknown-code)"))
+    try:
+        rep = reproduce(path, r["parsed"], args.reproduce, args.device, args.threads, args.tolerance)
+    except ReproduceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'REPRODUCED' if rep['ok'] else 'MISMATCH'} {r['path']}: {rep['message']}")
+    if rep["time"]:
+        print(f"time {r['path']}: {rep['time']}")
+    if rep["time_flag"]:
+        print(f"FLAG {r['path']}: {rep['time_flag']}")
+    return 0 if rep["ok"] and not rep["time_flag"] else 1
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [CHILD_FLAG]:
@@ -957,28 +1118,21 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     results, reproduced_ok = [], True
-    known = known_sources() if args.reproduce is not None else {}
+    known = known_sources(ROOT) if args.reproduce is not None else {}
+    held, earlier = record_runs(ROOT), {}
     for path in args.logs:
         r = verify_log(path, target=args.target, metrics_dir=args.metrics_dir)
+        _check_copies(r, earlier, held)
         results.append(r)
         print(_verdict(r))
         if r["data_passes"]:
             passes = ", ".join(f"pass {p} at step:{s}" for p, s in r["data_passes"])
             print(f"note {r['path']}: the training data repeated ({passes})")
         if r["ok"] and args.reproduce is not None:
-            is_known, identity = source_identity(r["parsed"], known)
-            if not is_known and not args.run_unknown_code:
-                print(f"error: {path}: not run: its source is {identity}; read it (above the log's line of '=') and "
-                      "add --run-unknown-code to run it in a child process", file=sys.stderr)
+            code = _reproduce_one(args, path, r, known)
+            if code == 2:
                 return 2
-            print(f"source {r['path']}: {identity}" + ("" if is_known else "; run (--run-unknown-code)"))
-            try:
-                rep = reproduce(path, r["parsed"], args.reproduce, args.device, args.threads, args.tolerance)
-            except ReproduceError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            print(f"{'REPRODUCED' if rep['ok'] else 'MISMATCH'} {r['path']}: {rep['message']}")
-            reproduced_ok = reproduced_ok and rep["ok"]
+            reproduced_ok = reproduced_ok and code == 0
     s = summarize(results, target=args.target)
     print("\n".join(_summary(s)))
     all_ok = all(r["ok"] for r in results) and reproduced_ok

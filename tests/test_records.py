@@ -354,10 +354,26 @@ def test_cli_single_log_needs_no_stats(tmp_path):
 
 
 def test_cli_zero_variance(tmp_path):
-    paths = three_logs(tmp_path, finals=(1.87, 1.87, 1.87))
+    paths = [write_log(tmp_path, name=f"run{i}", val_losses=(3.5, 2.4 + i / 100, 1.95, 1.87)) for i in range(3)]
     r = run_script(VERIFY, *paths)
     assert r.returncode == 1
     assert "zero variance" in r.stdout
+
+
+def test_cli_copies_of_one_run_fail(tmp_path):
+    """Logs with the same losses at the same steps are one run under several names, whatever their times: each
+    copy after the first fails, naming it; a run with other losses verifies."""
+    first, copy, edited = (write_log(tmp_path, name=name, ms_per_step=ms) for name, ms in
+                           (("run1", 40), ("run1_again", 40), ("faster", 30)))
+    other = write_log(tmp_path, name="run2", val_losses=(3.5, 2.4, 1.95, 1.8695))
+    r = run_script(VERIFY, first, copy, other, edited, "--no-stats")
+    assert r.returncode == 1, r.stdout
+    fails = [line for line in r.stdout.splitlines() if line.startswith("FAIL")]
+    assert fails == [f"FAIL {p}: the same losses as {first}: a copy of one run under another name; each run of a "
+                     "record needs its own seed (the same seed on the same machine prints the same losses) "
+                     f"[last val_loss 1.8712, time {t}]" for p, t in ((copy, "6.00s (0.10 min)"),
+                                                                      (edited, "4.50s (0.07 min)"))], r.stdout
+    assert r.stdout.count("OK ") == 2 and "verified 2/4 logs" in r.stdout
 
 
 def test_cli_one_bad_log_fails(tmp_path):

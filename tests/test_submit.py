@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from conftest import ROOT
-from test_verify_runs import fresh_runs, verify
+from test_verify_runs import copy_run, fresh_runs, verify
 
 SUBMIT = Path(ROOT) / "records" / "submit.py"
 VERIFY = Path(ROOT) / "records" / "verify.py"
@@ -40,9 +40,9 @@ def records_copy(tmp_path, target, slower_row=True):
     return records
 
 
-def submit(records, track, *logs, name="TinyTest"):
+def submit(records, track, *logs, name="TinyTest", description="tiny test record", contributors="tests"):
     return subprocess.run([sys.executable, str(SUBMIT), "--records_dir", str(records), "--track", track, "--name",
-                           name, "--description", "tiny test record", "--contributors", "tests", *map(str, logs)],
+                           name, "--description", description, "--contributors", contributors, *map(str, logs)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
@@ -104,3 +104,42 @@ def test_submit_refuses_a_tampered_log(runs, tmp_path):
     log.write_text("\n".join(lines))
     r = submit(records, "tiny", log, *runs[1:])
     assert r.returncode == 2 and "fails verification: line" in r.stderr and "step:8 is missing" in r.stderr
+
+
+def test_submit_refuses_copies_of_one_run(runs, tmp_path):
+    """One run under two names is refused, and so is a run that a record already holds, also when renamed."""
+    records = records_copy(tmp_path, passing_target(runs))
+    renamed = copy_run(runs[0], tmp_path / "elsewhere", name="run9.txt")
+    r = submit(records, "tiny", *runs, renamed)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stdout + r.stderr
+    assert f"{renamed}: the same losses as {runs[0]}: a copy of one run under another name" in r.stderr
+    assert "the same seed on the same machine prints the same losses" in r.stderr
+    assert [p.name for p in (records / "tiny").iterdir()] == ["README.md"]
+    assert submit(records, "tiny", *runs).returncode == 0
+    before = (records / "tiny" / "README.md").read_text()
+    r = submit(records, "tiny", renamed, name="Again")
+    folder = records / "tiny" / f"{datetime.date.today().isoformat()}_TinyTest"
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stdout + r.stderr
+    assert f"{renamed}: the same losses as {(folder / runs[0].name).resolve()}: a record already holds" in r.stderr
+    assert sorted(p.name for p in (records / "tiny").iterdir()) == [folder.name, "README.md"]
+    assert (records / "tiny" / "README.md").read_text() == before
+
+
+def test_submitter_text_cannot_change_the_markdown(runs, tmp_path):
+    """A --contributors with a newline, a heading and a '|' is one escaped cell of one row, the rows still sorted by
+    time; the description is escaped in the row and the record README alike; text empty after collapsing is
+    refused."""
+    records = records_copy(tmp_path, passing_target(runs))
+    before = (records / "tiny" / "README.md").read_text().splitlines()
+    r = submit(records, "tiny", *runs, contributors="a\n## heading | b", description="*fast* [x](y) <b>")
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = (records / "tiny" / "README.md").read_text().splitlines()
+    assert len(table) == len(before) + 1
+    rows = [line for line in table if line.startswith("|") and "(mean of" in line]
+    assert len(rows) == 2 and "older, slower" in rows[1], rows
+    assert rows[0].endswith(" | a \\#\\# heading \\| b |") and " | \\*fast\\* \\[x\\]\\(y\\) \\<b\\> | " in rows[0]
+    assert not any(line.startswith("#") and "heading" in line for line in table)
+    readme = next((records / "tiny").glob("*_TinyTest/README.md")).read_text().splitlines()
+    assert readme[2] == "\\*fast\\* \\[x\\]\\(y\\) \\<b\\>"
+    r = submit(records, "tiny", *runs, name="Blank", contributors=" \n ")
+    assert r.returncode == 2 and "--contributors is empty" in r.stderr, r.stderr

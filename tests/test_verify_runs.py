@@ -3,6 +3,7 @@ metrics.jsonl, and --reproduce re-running a log from its embedded source; the lo
 import glob
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -56,15 +57,37 @@ def run_verify(*args):
                           timeout=300)
 
 
-def copy_run(log, directory, text=None, metrics=True):
-    """The log (edited to `text` if given) in another folder, with its metrics.jsonl beside it or not."""
+def copy_run(log, directory, text=None, metrics=True, name=None):
+    """The log (edited to `text` if given) in another folder, under another file name if given, with its
+    metrics.jsonl beside it or not."""
     directory.mkdir(parents=True, exist_ok=True)
-    out = directory / log.name
+    out = directory / (name or log.name)
     out.write_text(text if text is not None else log.read_text())
     if metrics:
-        (directory / log.stem).mkdir(exist_ok=True)
-        shutil.copy(log.parent / log.stem / "metrics.jsonl", directory / log.stem / "metrics.jsonl")
+        (directory / out.stem).mkdir(exist_ok=True)
+        shutil.copy(log.parent / log.stem / "metrics.jsonl", directory / out.stem / "metrics.jsonl")
     return out
+
+
+def train_gpt_state():
+    """'no clone' outside a git clone, else 'committed' where train_gpt.py is HEAD's and 'modified' where not."""
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True)
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != Path(ROOT).resolve():
+        return "no clone"
+    diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "train_gpt.py"], cwd=ROOT, capture_output=True)
+    return "committed" if diff.returncode == 0 else "modified"
+
+
+def newest_commit_of_train_gpt():
+    """The short hash of the newest commit of HEAD's history that changed train_gpt.py, or skips the test where
+    train_gpt.py is not that commit's (uncommitted changes make a fresh log's source unknown code by design)."""
+    state = train_gpt_state()
+    if state == "modified":
+        pytest.skip("train_gpt.py has uncommitted changes, so a log it writes is unknown code by design")
+    if state == "no clone":
+        pytest.skip("not a git clone, so no source is known")
+    return subprocess.run(["git", "rev-list", "-1", "HEAD", "--", "train_gpt.py"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()[:9]
 
 
 def line_index(lines, prefix):
@@ -183,7 +206,7 @@ def test_reproduce_matches_a_fresh_log_and_catches_a_changed_loss(fresh_log, tmp
     lines[i] = edit_loss(lines[i], 0.0001)
     changed = copy_run(fresh_log, tmp_path / "changed", "\n".join(lines), metrics=False)
     assert verify.verify_log(changed)["ok"]  # only a re-run can tell
-    r = run_verify("--reproduce", 20, "--no-stats", fresh_log, changed)
+    r = run_verify("--reproduce", 20, "--no-stats", "--run-unknown-code", fresh_log, changed)
     assert r.returncode == 1, r.stdout + r.stderr
     done = [line for line in r.stdout.splitlines() if line.startswith("REPRODUCED")]
     assert len(done) == 1 and str(fresh_log) in done[0], r.stdout
@@ -205,6 +228,7 @@ def with_source(log, text_of_source):
 def test_reproduce_runs_unknown_code_only_when_asked_and_then_in_a_child_process(fresh_log, tmp_path):
     """A log whose source is not a known train_gpt.py is refused with a diff summary, nothing run; with
     --run-unknown-code it runs in another process (the added line writes its pid) and reproduces."""
+    commit = newest_commit_of_train_gpt()
     source = fresh_log.read_text().split("\n" + train_gpt.LOG_SEPARATOR + "\n")[0] + "\n"
     assert hashlib.sha256(source.encode()).hexdigest() == hashlib.sha256(
         (Path(ROOT) / "train_gpt.py").read_bytes()).hexdigest()
@@ -217,7 +241,7 @@ def test_reproduce_runs_unknown_code_only_when_asked_and_then_in_a_child_process
     r = run_verify("--reproduce", 6, "--no-stats", log)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stdout + r.stderr
     assert f"{log}: not run: its source is not a known train_gpt.py" in r.stderr
-    assert "against the closest, train_gpt.py in this checkout, it adds 1 line(s) and removes 0, in 1 place(s) " \
+    assert f"against the closest, train_gpt.py at commit {commit}, it adds 1 line(s) and removes 0, in 1 place(s) " \
            f"(its lines {at + 1}-{at + 1})" in r.stderr and "--run-unknown-code" in r.stderr
     assert not marker.exists()
     proc = subprocess.Popen([sys.executable, str(VERIFY), "--reproduce", "6", "--no-stats", "--run-unknown-code",
@@ -229,9 +253,10 @@ def test_reproduce_runs_unknown_code_only_when_asked_and_then_in_a_child_process
 
 
 def test_reproduce_names_the_known_source_it_runs(fresh_log):
+    commit = newest_commit_of_train_gpt()
     r = run_verify("--reproduce", 2, "--no-stats", fresh_log)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"source {fresh_log}: identical to train_gpt.py in this checkout" in r.stdout
+    assert f"source {fresh_log}: identical to train_gpt.py at commit {commit}" in r.stdout
 
 
 def test_reproduce_without_the_data_exit_2(fresh_log, tmp_path):
@@ -239,7 +264,7 @@ def test_reproduce_without_the_data_exit_2(fresh_log, tmp_path):
     data_line = next(line for line in text.split("\n") if line.startswith("input_bin: "))
     moved = data_line.replace("input_bin: ", "input_bin: /nonexistent/tinyshakespeare_char_gone/")
     log = copy_run(fresh_log, tmp_path / "nodata", text.replace(data_line, moved), metrics=False)
-    r = run_verify("--reproduce", 5, "--no-stats", log)
+    r = run_verify("--reproduce", 5, "--no-stats", "--run-unknown-code", log)
     assert r.returncode == 2, r.stdout + r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert "input_bin /nonexistent/" in r.stderr and "matches no file" in r.stderr and "data/" in r.stderr
@@ -257,7 +282,7 @@ def test_reproduce_elsewhere_allows_the_tolerance(fresh_log, tmp_path):
         changed = list(lines)
         changed[i] = edit_loss(lines[i], delta)
         logs.append(copy_run(fresh_log, tmp_path / f"delta{delta}", "\n".join(changed), metrics=False))
-    r = run_verify("--reproduce", 6, "--no-stats", *logs)
+    r = run_verify("--reproduce", 6, "--no-stats", "--run-unknown-code", *logs)
     assert r.returncode == 1, r.stdout + r.stderr
     out = [line for line in r.stdout.splitlines() if line.startswith(("REPRODUCED", "MISMATCH"))]
     assert len(out) == 2 and out[0].startswith("REPRODUCED") and out[1].startswith("MISMATCH"), r.stdout
@@ -277,20 +302,125 @@ def test_a_lowered_train_time_is_refused_without_metrics(fresh_log, tmp_path):
     assert "[no metrics.jsonl: the printed numbers are checked only against each other]" in out
 
 
-def test_the_known_sources_are_the_checkout_its_git_versions_and_the_records():
+def test_the_known_sources_are_heads_versions_of_train_gpt_and_its_committed_records():
+    state = train_gpt_state()
+    if state == "no clone":
+        pytest.skip("not a git clone, so no source is known")
     known = verify.known_sources()
-    own = hashlib.sha256((Path(ROOT) / "train_gpt.py").read_bytes()).hexdigest()
-    assert known[own][0] == "train_gpt.py in this checkout"
-    for log in sorted((Path(ROOT) / "records").rglob("*.txt")):
-        source = log.read_text().split("\n" + train_gpt.LOG_SEPARATOR + "\n")[0] + "\n"
-        if "\n" + train_gpt.LOG_SEPARATOR + "\n" in log.read_text():
-            assert hashlib.sha256(source.encode()).hexdigest() in known, log
     commits = subprocess.run(["git", "rev-list", "HEAD", "--", "train_gpt.py"], cwd=ROOT, capture_output=True,
                              text=True).stdout.split()
+    own = hashlib.sha256((Path(ROOT) / "train_gpt.py").read_bytes()).hexdigest()
+    if state == "committed":
+        assert known[own][0] == f"train_gpt.py at commit {commits[0][:9]}"
+    assert all(where.startswith(("train_gpt.py at commit ", "the source of records/")) for where, _ in known.values())
+    tracked = subprocess.run(["git", "ls-files", "records"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    for path in (p for p in tracked if p.endswith(".txt")):
+        text = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=ROOT, capture_output=True, text=True).stdout
+        if "\n" + train_gpt.LOG_SEPARATOR + "\n" in text:
+            source = text.split("\n" + train_gpt.LOG_SEPARATOR + "\n")[0] + "\n"
+            assert hashlib.sha256(source.encode()).hexdigest() in known, path
     if len(commits) < 2:
-        pytest.skip("no git history of train_gpt.py here (not a clone, or a shallow one)")
+        pytest.skip("no git history of train_gpt.py here (a shallow clone)")
     old = subprocess.run(["git", "show", f"{commits[-1]}:train_gpt.py"], cwd=ROOT, capture_output=True).stdout
     assert known[hashlib.sha256(old).hexdigest()][0] == f"train_gpt.py at commit {commits[-1][:9]}"
+
+
+def git(repo, *args):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
+                          cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
+def test_known_sources_are_what_head_commits(tmp_path):
+    """An untracked log under records/ is not known; committed, its source is; edited in the working tree, its
+    committed source still is and the edit is not; the same for train_gpt.py; nothing is known outside a clone."""
+    def sha(text):
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def log_of(source):
+        return f"{source}{train_gpt.LOG_SEPARATOR}\ncode_sha256:{sha(source)}\n"
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert verify.known_sources(repo) == {}
+    git(repo, "init", "-q")
+    (repo / "train_gpt.py").write_text("print('v1')\n")
+    git(repo, "add", "train_gpt.py")
+    git(repo, "commit", "-q", "-m", "v1")
+    first = git(repo, "rev-parse", "HEAD").strip()[:9]
+    assert verify.known_sources(repo) == {sha("print('v1')\n"): (f"train_gpt.py at commit {first}", "print('v1')\n")}
+    (repo / "train_gpt.py").write_text("print('v2')\n")
+    log = repo / "records" / "tiny" / "2026-01-01_New" / "run.txt"
+    log.parent.mkdir(parents=True)
+    log.write_text(log_of("print('s1')\n"))
+    known = verify.known_sources(repo)
+    assert set(known) == {sha("print('v1')\n")}
+    git(repo, "add", "records")
+    git(repo, "commit", "-q", "-m", "a record")
+    assert verify.known_sources(repo)[sha("print('s1')\n")][0] == \
+        "the source of records/tiny/2026-01-01_New/run.txt as committed"
+    log.write_text(log_of("print('s2')\n"))
+    assert set(verify.known_sources(repo)) == {sha("print('v1')\n"), sha("print('s1')\n")}
+    assert verify.known_sources(repo / "records") == {}  # a folder inside a clone is not one
+    is_known, identity = verify.source_identity(verify.parse_log(log_of("print('s1')\n")), {})
+    assert not is_known and "no source is known here (not a git clone, or no git)" in identity
+
+
+def test_copies_of_a_record_run_fail_under_another_name(fresh_log, tmp_path, monkeypatch, capsys):
+    """A log with the losses of a log under records/ fails, naming it, wherever it is and whatever its name; the
+    record's log itself verifies."""
+    root = tmp_path / "checkout"
+    record = copy_run(fresh_log, root / "records" / "tiny" / "2026-01-01_Old")
+    renamed = copy_run(fresh_log, tmp_path / "mine", name="mine.txt")
+    monkeypatch.setattr(verify, "ROOT", root.resolve())
+    assert verify.main(["--no-stats", str(record)]) == 0
+    assert verify.main(["--no-stats", str(renamed)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {renamed}: the same losses as records/tiny/2026-01-01_Old/{fresh_log.name}, a run a record " \
+           "already holds" in out and "the same seed on the same machine prints the same losses" in out, out
+
+
+def forged_times(log, directory, scale):
+    """A copy of the log and its metrics.jsonl with every train time scaled by `scale` and each step_avg recomputed,
+    so that plain verification passes."""
+    rows = [json.loads(line) for line in (log.parent / log.stem / "metrics.jsonl").read_text().splitlines()]
+    times = {}
+    for row in rows:
+        row["train_time_ms"] = float(round(row["train_time_ms"] * scale))
+        times[("val" if "val_loss" in row else "train", row["step"])] = int(row["train_time_ms"])
+    lines = log.read_text().split("\n")
+    for i in range(lines.index(train_gpt.LOG_SEPARATOR), len(lines)):
+        m = re.match(r"step:(\d+)/\d+ (train|val)_loss:", lines[i])
+        if m and int(m.group(1)) > 0:
+            step, t = int(m.group(1)), times[(m.group(2), int(m.group(1)))]
+            fields = f"train_time:{t}ms step_avg:{t / step:.2f}ms"
+            lines[i] = re.sub(r"train_time:\d+ms step_avg:\S+ms", fields, lines[i])
+    out = copy_run(log, directory, "\n".join(lines), metrics=False)
+    (directory / log.stem).mkdir()
+    (directory / log.stem / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
+def test_reproduce_flags_train_times_far_below_the_reproduction(fresh_log, tmp_path, monkeypatch, capsys):
+    """On the same hardware a log whose train times are a tenth of the real ones (metrics.jsonl and step_avg to
+    match) verifies, but its reproduction flags them and fails; the honest log is not flagged. Under TIME_MIN_MS of
+    reproduced time the times are shown but not judged."""
+    forged = forged_times(fresh_log, tmp_path / "forged", 0.1)
+    r = verify.verify_log(forged)
+    assert r["ok"] and r["metrics"], r["reason"]
+    flags = ["--no-stats", "--reproduce", "20", "--run-unknown-code"]
+    assert verify.main(flags + [str(forged)]) == 0  # this tiny run's time is far below TIME_MIN_MS
+    out = capsys.readouterr().out
+    shown = re.escape(str(forged))
+    assert re.search(rf"time {shown}: logged \d+ms at step:20, reproduced \d+ms \(\d+\.\d\dx\); not judged: the "
+                     rf"reproduction ran under {verify.TIME_MIN_MS}ms", out), out
+    monkeypatch.setattr(verify, "TIME_MIN_MS", 0)
+    assert verify.main(flags + [str(forged)]) == 1
+    out = capsys.readouterr().out
+    assert "REPRODUCED" in out and re.search(rf"FLAG {shown}: the logged train time is \d+% below the reproduction "
+                                             rf"on the same hardware, more than the {verify.TIME_NOISE:.0%} noise "
+                                             "allowed", out), out
+    assert verify.main(flags + [str(fresh_log)]) == 0
+    out = capsys.readouterr().out
+    assert f"time {fresh_log}: logged" in out and "FLAG" not in out, out
 
 
 def test_a_screened_validation_is_never_the_best(tmp_path):
