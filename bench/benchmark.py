@@ -35,7 +35,10 @@ Exit code: 0 when every run succeeded, 1 when any failed (the tables still show 
 """
 
 import argparse
+import contextlib
 import datetime
+import glob
+import io
 import json
 import math
 import os
@@ -52,6 +55,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import train_gpt  # noqa: E402  (the recipes' schedules, the log format and the torch version)
+from bench.cli import UsageError, run_tool  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "records"))
 import submit  # noqa: E402  (the tracks' rules: records/<track>/README.md's track table)
@@ -281,7 +285,7 @@ class Bench:
 
     def __init__(self, args, progress):
         self.suite, self.preset, self.data, self.log_dir = args.suite, args.preset, args.data, args.log_dir
-        self.eval_interval, self.extra, self.progress = args.eval_interval, shlex.split(args.extra), progress
+        self.eval_interval, self.extra, self.progress = args.eval_interval, args.extra_flags, progress
         self.results = []
         # features and optimizers run every step; recipes stop at the target (the preset's unless --target)
         if args.suite != "recipes":
@@ -581,23 +585,31 @@ class Report:
 
     def __init__(self, path, header, bench):
         self.path, self.sections, self.bench = path, [], bench
+        try:
+            self.write()  # an --out that cannot be written stops the benchmark before its first run
+        except OSError as e:
+            raise UsageError(f"--out {path}: cannot write it ({e.strerror or e}); give a file in a folder you can "
+                             "write") from None
         self.add(*header)
 
     def add(self, *parts):
         text = "\n\n".join(p for p in parts if p)
         print("\n" + text + "\n", flush=True)
         self.sections.append(text)
+        self.write()
+
+    def write(self):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.write("\n\n".join(self.sections) + "\n")
-        with open(os.path.splitext(self.path)[0] + ".json", "w", encoding="utf-8") as f:
-            json.dump(self.bench.results, f, indent=1)
+        markdown = "\n\n".join(self.sections) + "\n"
+        runs = json.dumps(self.bench.results, indent=1)
+        for path, content in ((self.path, markdown), (os.path.splitext(self.path)[0] + ".json", runs)):
+            train_gpt.atomic_write(path, lambda tmp, content=content: Path(tmp).write_text(content, encoding="utf-8"))
 
 
 # --- command line
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = train_gpt.OneLineParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--suite", required=True, choices=list(SUITES), help="which suite to run")
@@ -639,6 +651,8 @@ def resolve_args(parser, argv):
     args.sweep_steps = args.steps if args.sweep_steps is None else args.sweep_steps
     if args.steps <= 0 or args.sweep_steps <= 0 or args.eval_interval < 0:
         parser.error("--steps and --sweep_steps must be positive and --eval_interval >= 0")
+    check_numbers(args)
+    args.extra_flags = extra_flags(args.extra)
     if args.ablate and args.suite != "recipes":
         parser.error("--ablate applies to --suite recipes")
     valid = suite_names(args.suite)
@@ -653,7 +667,57 @@ def resolve_args(parser, argv):
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     args.log_dir = os.path.abspath(args.log_dir or ROOT / "logs" / f"bench_{args.suite}_{stamp}")
     args.out = os.path.abspath(args.out) if args.out else os.path.join(args.log_dir, "results.md")
+    if os.path.exists(args.log_dir) and not os.path.isdir(args.log_dir):
+        raise UsageError(f"--log_dir {args.log_dir} is a file, not a folder: give a folder for the run logs")
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a folder: give a file name, e.g. {os.path.join(args.out, 'results.md')}")
+    for flag, path in (("--log_dir", args.log_dir), ("--out", args.out)):
+        parent = next(p for p in Path(path).parents if p.exists())
+        if not parent.is_dir():
+            raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
     return args
+
+
+def check_numbers(args):
+    """The seeds, --speedrun_steps and --target as train_gpt.py would take them; a UsageError names the flag."""
+    for flag, seeds in (("--seeds", args.seeds), ("--sweep_seed", [args.sweep_seed])):
+        bad = [s for s in seeds if not 0 <= s < 2 ** 32]
+        if bad:
+            raise UsageError(f"{flag} {bad[0]}: give seeds from 0 to {2 ** 32 - 1}")
+    if args.speedrun_steps is not None and args.speedrun_steps <= 0:
+        raise UsageError(f"--speedrun_steps {args.speedrun_steps}: give a positive number of steps")
+    if args.target is not None and not (math.isfinite(args.target) and args.target >= 0):
+        raise UsageError(f"--target {args.target}: give a finite val loss >= 0 (0: no target)")
+
+
+def extra_flags(extra):
+    """--extra split into train_gpt.py flags; one it would refuse is a UsageError naming it."""
+    try:
+        flags = shlex.split(extra)
+    except ValueError as e:
+        raise UsageError(f"--extra {extra!r}: {e}; give flags as on a command line, e.g. --extra \"--n_layer 1\"") \
+            from None
+    refusal = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(refusal):
+            train_gpt.build_parser().parse_args(flags)
+    except SystemExit:
+        reason = refusal.getvalue().strip().removeprefix("error: ") or "not flags of a run"
+        raise UsageError(f"--extra {extra!r}: {reason}") from None
+    return flags
+
+
+def check_data(args):
+    """The --data folder holds train and val shards with a meta.json, as train_gpt.py checks them."""
+    train, val = os.path.join(args.data, "train_*.bin"), os.path.join(args.data, "val_*.bin")
+    if not (glob.glob(train) and glob.glob(val)):
+        raise UsageError(f"no train_*.bin and val_*.bin in {args.data}; {TRACKS[args.preset]}")
+    try:
+        meta = train_gpt.load_meta(train)
+        for pattern, what in ((train, "training"), (val, "validation")):
+            train_gpt.check_shards(train_gpt.find_shards(pattern, what), meta["vocab_size"], 1)
+    except UsageError as e:
+        raise UsageError(f"--data {args.data}: {e}") from None
 
 
 def header(args):
@@ -674,15 +738,14 @@ def header(args):
 def main(argv=None):
     parser = build_parser()
     args = resolve_args(parser, argv)
-    if not (list(Path(args.data).glob("train_*.bin")) and list(Path(args.data).glob("val_*.bin"))):
-        print(f"error: no train_*.bin and val_*.bin in {args.data}; {TRACKS[args.preset]}", file=sys.stderr)
-        return 2
+    check_data(args)
     suite, plan = SUITES[args.suite]
     bench = Bench(args, Progress(*plan(args)))
     report = Report(args.out, header(args), bench)
     try:
         suite(bench, args, report)
     except KeyboardInterrupt:
+        report.add(f"**interrupted** after {len(bench.results)} runs: the tables above are all the benchmark made")
         print(f"interrupted after {len(bench.results)} runs; the tables so far are in {args.out}", file=sys.stderr)
         return 130
     failed = [r for r in bench.results if not r["ok"]]
@@ -692,4 +755,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

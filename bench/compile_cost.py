@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from profile_step import DEFAULT_DATA, build_trainer  # the speedrun's trainer on the CPU, on tinyshakespeare
+from bench.cli import OneLineParser, UsageError, run_tool  # the root is on the path since profile_step's import
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / DEFAULT_DATA
@@ -82,19 +83,19 @@ def run_worker(variant, steps, cache):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="warm rounds (each runs every variant once)")
     parser.add_argument("--steps", type=int, default=30, help="timed train steps per warm process")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        return worker(args.worker, args.steps)
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be at least 1")
+    if args.worker:
+        return worker(args.worker, args.steps)
     if not (DATA / "meta.json").exists():
-        sys.exit(f"error: no data in {DATA}: prepare it with `python data/shakespeare.py --source tinyshakespeare "
-                 f"--input ../shared/data/tinyshakespeare.txt --out_dir data/tinyshakespeare_char`")
+        raise UsageError(f"no data in {DATA}: prepare it with `python data/shakespeare.py --source tinyshakespeare "
+                         f"--input ../shared/data/tinyshakespeare.txt --out_dir data/tinyshakespeare_char`")
     with tempfile.TemporaryDirectory(prefix="compile_cost_") as folder:
         caches = {v: os.path.join(folder, v) for v in args.variants}
         cold, warm = {}, {v: [] for v in args.variants}
@@ -120,4 +121,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -9,7 +9,6 @@ The CPU step runs in fp32 (the GPU path's bf16 autocast is slow on CPUs without 
 process's peak resident size less what it held before the model existed, and the script prints the estimate for
 the same step beside it as a check of the estimate.
 """
-import argparse
 import os
 import resource
 import statistics
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt  # noqa: E402
+from bench.cli import OneLineParser, positive_int, run_tool  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -29,10 +29,11 @@ def peak_rss_bytes():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed training steps after one untimed step")
     parser.add_argument("--mtp_steps", type=int, default=1, help="predicted offsets (2+ adds MTP heads)")
     args = parser.parse_args(argv)
+    positive_int("steps", args.steps)
     cfg = train_gpt.resolve_config(["--preset", "gpt2_124m", "--device", "cpu", "--mtp_steps", str(args.mtp_steps)])
     gcfg = train_gpt.gpt_config(cfg, train_gpt.GPT2_VOCAB_SIZE)
     before = peak_rss_bytes()
@@ -71,4 +72,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

@@ -21,6 +21,7 @@ the part that was running.
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import resource
@@ -28,9 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.cli import OneLineParser, UsageError, positive_int, run_tool, writable_folder  # noqa: E402
 
 # (name, seconds at most, train_gpt.py flags for the train parts): the budget cuts the later parts first
 PARTS = [("machine", 30, None), ("tests", 120, None), ("check", 60, None), ("compiled", 150, []),
@@ -39,6 +42,7 @@ PARTS = [("machine", 30, None), ("tests", 120, None), ("check", 60, None), ("com
 TINY = ["--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--block_size", "64", "--batch_size", "4",
         "--grad_accum_steps", "2", "--precision", "fp32"]
 GIB = 2 ** 30
+MAX_STEPS = 100  # timed steps per train part: the data for them is made up front, in memory
 
 
 def train_flags(device, data, extra, eager=False):
@@ -170,8 +174,9 @@ def run_part(name, limit, flags, args, data):
 
 
 def write_report(out_dir, header, records):
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(dict(header, parts=records), f, indent=1)
+    import train_gpt
+    report = json.dumps(dict(header, parts=records), indent=1)
+    train_gpt.atomic_write(os.path.join(out_dir, "report.json"), lambda tmp: Path(tmp).write_text(report))
     lines = [f"# GPU check, {header['date']}", "", f"Command: `{header['command']}`", "",
              f"Device: {header['device']}; budget {header['budget_s']} s; timed steps per train part "
              f"{header['steps']}. The data is random GPT-2 token ids (right for throughput and memory, meaningless "
@@ -197,8 +202,7 @@ def write_report(out_dir, header, records):
                 lines += ["```", r["result"][key].rstrip(), "```", ""]
         if r.get("output"):
             lines += ["```", r["output"].rstrip(), "```", ""]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    train_gpt.atomic_write(os.path.join(out_dir, "report.md"), lambda tmp: Path(tmp).write_text("\n".join(lines)))
 
 
 def default_out_dir(device):
@@ -210,9 +214,8 @@ def default_out_dir(device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="cuda: measure the GPU; cpu: the same sequence with tiny shapes (a rehearsal)")
     parser.add_argument("--out", help="the report's folder (default bench/results/gpu/<date>_<gpu>)")
@@ -227,20 +230,17 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    positive_int("steps", args.steps, at_most=MAX_STEPS)
+    if not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        raise UsageError(f"--budget_s {args.budget_s}: give a finite number of seconds above 0")
     if args.part:
         print(json.dumps((part_machine if args.part == "machine" else part_train)(args)))
         return 0
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
-            print("error: no CUDA GPU is visible; on a CPU run `python bench/gpu_check.py --device cpu --out DIR`",
-                  file=sys.stderr)
-            return 2
-    if args.steps < 1 or args.budget_s <= 0:
-        print("error: --steps and --budget_s must be positive", file=sys.stderr)
-        return 2
-    out_dir = args.out or default_out_dir(args.device)
-    os.makedirs(out_dir, exist_ok=True)
+            raise UsageError("no CUDA GPU is visible; on a CPU run `python bench/gpu_check.py --device cpu --out DIR`")
+    out_dir = writable_folder("out", args.out or default_out_dir(args.device))
     deadline = time.perf_counter() + args.budget_s
     command = "python bench/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = dict(date=f"{datetime.datetime.now():%Y-%m-%d %H:%M}", device=args.device, budget_s=args.budget_s,
@@ -266,4 +266,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -10,7 +10,6 @@ Each output line is stamped with the seconds since the command started, so the t
 start-up until the first line, the warm-up (compilation), validation and training. The first run also prepares the
 data, as a newcomer's would; that time is shown on its own.
 """
-import argparse
 import os
 import re
 import shutil
@@ -20,6 +19,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.cli import OneLineParser, UsageError, run_tool, writable_folder  # noqa: E402
+
 OUTCOME = re.compile(r"target val_loss \S+ reached at step:(\d+) train_time:(\d+)ms")
 WARM_UP = re.compile(r"^warm-up: .* ([\d.]+) s, untimed")
 
@@ -38,9 +40,12 @@ def stamped_run(command, cwd, env):
 def phases(lines, total):
     """Seconds spent preparing data, starting (imports and checks, until the log's first line), warming up, in
     the loop's untimed part (validation and logging: the loop's time less the train time) and after the loop."""
-    first = next(t for t, line in lines if line.startswith("log: "))
+    first = next((t for t, line in lines if line.startswith("log: ")), None)
+    outcome_at, outcome = next(((t, OUTCOME.search(line)) for t, line in lines if OUTCOME.search(line)), (0, None))
+    if first is None or outcome is None:
+        raise UsageError("./run.sh printed no 'log: ' line or no 'target val_loss ... reached' line: a --commit "
+                         "older than this script's log format, or a run that missed its target; try a newer --commit")
     data = next((t for t, line in lines if line.startswith("meta:")), 0.0)
-    outcome_at, outcome = next((t, OUTCOME.search(line)) for t, line in lines if OUTCOME.search(line))
     train = int(outcome.group(2)) / 1000
     # commits before the warm-up line was logged: the warm-up and the loop's untimed part are one figure
     warm_end, warm = next(((t, float(m.group(1))) for t, line in lines if (m := WARM_UP.match(line))),
@@ -49,29 +54,49 @@ def phases(lines, total):
                 validation=outcome_at - warm_end - train)
 
 
+def measure(folder, commit, runs):
+    """Clones commit into folder/clone and runs ./run.sh there `runs` times; returns (rows, short hash)."""
+    clone = os.path.join(folder, "clone")
+    subprocess.run(["git", "clone", "-q", ROOT, clone], check=True)
+    subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
+    cache, temp = os.path.join(folder, "inductor_cache"), os.path.join(folder, "tmp")
+    os.makedirs(temp)
+    # inductor keeps its precompiled C++ header in the temporary folder, outside TORCHINDUCTOR_CACHE_DIR
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TMPDIR=temp, PYTHONUNBUFFERED="1")
+    rows = []
+    for run in range(runs):
+        lines, total = stamped_run(["./run.sh"], clone, env)
+        rows.append(dict(phases(lines, total), cache="cold" if run == 0 else "warm"))
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True).stdout
+    return rows, head
+
+
+def revision(commit):
+    """The full hash of --commit in this checkout; a UsageError when it names no commit."""
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}"], cwd=ROOT,
+                           capture_output=True, text=True)
+    if commit.startswith("-") or found.returncode:
+        raise UsageError(f"--commit {commit}: no such commit in {ROOT}; give a branch, tag or hash (git log --oneline)")
+    return found.stdout.strip()
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=2, help="runs of ./run.sh: the first cold, the rest warm")
     parser.add_argument("--commit", default="HEAD", help="the revision to clone (default HEAD)")
     parser.add_argument("--keep", help="clone into this folder and keep it (default: a temporary one)")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    folder = args.keep or tempfile.mkdtemp(prefix="newcomer_")
-    clone = os.path.join(folder, "clone")
-    if os.path.exists(clone):
-        sys.exit(f"error: {clone} exists; give another --keep folder")
-    subprocess.run(["git", "clone", "-q", ROOT, clone], check=True)
-    subprocess.run(["git", "checkout", "-q", args.commit], cwd=clone, check=True)
-    cache, temp = os.path.join(folder, "inductor_cache"), os.path.join(folder, "tmp")
-    os.makedirs(temp)
-    # inductor keeps its precompiled C++ header in the temporary folder, outside TORCHINDUCTOR_CACHE_DIR
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TMPDIR=temp, PYTHONUNBUFFERED="1")
-    rows = []
-    for run in range(args.runs):
-        lines, total = stamped_run(["./run.sh"], clone, env)
-        rows.append(dict(phases(lines, total), cache="cold" if run == 0 else "warm"))
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True).stdout
+    commit = revision(args.commit)
+    if args.keep and os.path.exists(os.path.join(args.keep, "clone")):
+        raise UsageError(f"--keep {args.keep}: {os.path.join(args.keep, 'clone')} exists; give another --keep folder")
+    folder = writable_folder("keep", args.keep) if args.keep else tempfile.mkdtemp(prefix="newcomer_")
+    try:
+        rows, head = measure(folder, commit, args.runs)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder)
     print(f"./run.sh from a fresh clone of {head.strip()}, {os.cpu_count()} cores, one compile cache for all runs")
     print("| compile cache | wall-clock | train time | wall / train | start-up | data | warm-up | validation and "
           "logging | target step |")
@@ -80,10 +105,8 @@ def main(argv=None):
         print(f"| {r['cache']} | {r['wall']:.1f} s | {r['train']:.1f} s | {r['wall'] / r['train']:.2f}x "
               f"| {r['start']:.1f} s | {r['data']:.1f} s | {r['warm_up']:.1f} s | {r['validation']:.1f} s "
               f"| {r['step']} |")
-    if not args.keep:
-        shutil.rmtree(folder)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

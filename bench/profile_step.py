@@ -25,8 +25,12 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import train_gpt  # noqa: E402
+from bench.cli import OneLineParser, positive_int, run_tool  # noqa: E402
 
 DEFAULT_DATA = "data/tinyshakespeare_char"
+# the CPU columns of the profiler's table that --sort may order it by
+SORT_KEYS = ("self_cpu_time_total", "cpu_time_total", "cpu_time", "self_cpu_memory_usage", "cpu_memory_usage",
+             "count", "flops")
 
 
 def build_trainer(flags):
@@ -52,15 +56,19 @@ def profile_steps(trainer, steps, warmup):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--steps", type=int, default=20, help="profiled steps (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--rows", type=int, default=15, help="table rows (default 15)")
-    parser.add_argument("--sort", default="self_cpu_time_total", help="profiler sort key")
+    parser.add_argument("--sort", default="self_cpu_time_total", choices=SORT_KEYS, help="profiler sort key")
     parser.add_argument("flags", nargs="*", help="train_gpt.py flags, after --")
     args = parser.parse_args(argv)
+    positive_int("steps", args.steps)
+    positive_int("rows", args.rows)
+    if args.warmup < 0:
+        parser.error(f"--warmup {args.warmup}: give 0 or more untimed steps")
     trainer = build_trainer(args.flags)
     cfg = trainer.cfg
     prof, ms = profile_steps(trainer, args.steps, args.warmup)
@@ -75,4 +83,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

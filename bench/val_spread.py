@@ -11,7 +11,6 @@ each, in order); for each subset size the windows are split into disjoint runs o
 run (what --val_tokens N scores) lies from the whole split's loss. A second table does the same for screens
 (--val_screen_tokens): windows spread evenly over the val set, every k-th one, each offset a disjoint screen.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_gpt  # noqa: E402
+from bench.cli import OneLineParser, UsageError, positive_int, run_tool  # noqa: E402
 
 SIZES = [16_384, 32_768, 65_536, 131_072, 262_144]
 SCREEN_SIZES = [8_192, 16_384, 32_768]
@@ -39,11 +39,19 @@ def train_reference(data, folder):
 @torch.no_grad()
 def window_losses(model_path, data, batch=256):
     """The mean next-token loss of every block_size window of the val split, in order."""
-    model, _ = train_gpt.load_model(model_path, "--model")
+    model, payload = train_gpt.load_model(model_path, "--model")
     T = model.cfg.block_size
-    tokens = torch.from_numpy(train_gpt.read_shard(train_gpt.find_shards(os.path.join(data, "val_*.bin"),
-                                                                          "validation")[0]).astype("int64"))
+    shard = train_gpt.find_shards(os.path.join(data, "val_*.bin"), "validation")[0]
+    meta = train_gpt.load_meta(os.path.join(data, "val_*.bin"))
+    trained = payload["meta"]
+    if (meta["tokenizer"], meta.get("chars")) != (trained["tokenizer"], trained.get("chars")):
+        raise UsageError(f"--data {data} holds another tokenizer's shards than --model {model_path} was trained on; "
+                         "give the --data the model was trained on")
+    tokens = torch.from_numpy(train_gpt.read_shard(shard).astype("int64"))
     n = (len(tokens) - train_gpt.MAX_MTP_STEPS) // T
+    if n < 2:
+        raise UsageError(f"--data {data}: the val split holds {len(tokens)} tokens, fewer than two windows of "
+                         f"block_size {T}; give a larger val split")
     losses = []
     for start in range(0, n, batch):
         rows = min(batch, n - start)
@@ -63,15 +71,19 @@ def spread_row(size, means, reference):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a model.pt (default: train run.sh's CPU run first)")
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "shakespeare_char"), help="the shards' folder")
     parser.add_argument("--val_tokens", type=int, default=train_gpt.PRESETS["shakespeare_char"]["val_tokens"],
                         help="the val set the screens sample (default: the shakespeare_char preset's)")
     args = parser.parse_args(argv)
+    positive_int("val_tokens", args.val_tokens)
     with tempfile.TemporaryDirectory() as folder:
         model = args.model or train_reference(args.data, folder)
         losses, T = window_losses(model, args.data)
+    if args.val_tokens // T < 2:
+        raise UsageError(f"--val_tokens {args.val_tokens} is fewer than two windows of block_size {T}: give at "
+                         f"least {2 * T}")
     whole = statistics.fmean(losses)
     print(f"val split of {args.data}: {len(losses)} windows of {T} tokens ({len(losses) * T:,} tokens), "
           f"loss {whole:.4f}")
@@ -89,10 +101,11 @@ def main(argv=None):
     print("| screen tokens | disjoint screens | std of their losses | largest deviation | first screen - set |")
     print("|---:|---:|---:|---:|---:|")
     for size in SCREEN_SIZES:
-        k = len(val_set) // (size // T)
-        print(spread_row(size, [statistics.fmean(val_set[offset::k]) for offset in range(k)], scored))
+        k = len(val_set) // max(1, size // T)
+        if k >= 2:  # at least two disjoint screens of that size
+            print(spread_row(size, [statistics.fmean(val_set[offset::k]) for offset in range(k)], scored))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(train_gpt.run_cli(main))
+    run_tool(main)

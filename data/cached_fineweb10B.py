@@ -32,7 +32,8 @@ import math  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 
-from train_gpt import PRESETS, OneLineParser, UsageError, run_cli, read_shard, write_json  # noqa: E402
+from train_gpt import PRESETS, OneLineParser, UsageError, read_shard, write_json  # noqa: E402
+from bench.cli import run_tool, writable_folder  # noqa: E402
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 MAX_TRAIN_SHARDS = 103
@@ -104,7 +105,7 @@ def fetch(names, out_dir, download=hf_download, log=print):
     """Downloads the names missing from out_dir with download(name, out_dir); returns (fetched, skipped) names.
     A download that fails raises UsageError and leaves no file of its own behind."""
     created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    writable_folder("out_dir", out_dir)
     missing = [name for name in names if not is_complete(os.path.join(out_dir, name))]
     skipped = [name for name in names if name not in missing]
     for i, name in enumerate(missing, 1):
@@ -180,4 +181,4 @@ def main(argv=None, download=hf_download):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_tool(main)

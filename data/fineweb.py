@@ -40,9 +40,11 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from train_gpt import OneLineParser, UsageError, run_cli, gpt2_encoding, write_json, write_shard  # noqa: E402
+from train_gpt import OneLineParser, UsageError, gpt2_encoding, write_json, write_shard  # noqa: E402
+from bench.cli import run_tool, writable_folder  # noqa: E402
 
 EOT = 50256  # <|endoftext|>
+MAX_WORKERS = 4 * (os.cpu_count() or 1)
 BATCH_DOCS = 256  # documents handed to the pool at a time: the next batch is read while this one is encoded
 
 
@@ -214,8 +216,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.shard_size < 1 or args.shard_size > 2 ** 31 - 1:
         raise UsageError(f"--shard_size {args.shard_size}: must be between 1 and {2 ** 31 - 1} tokens")
-    if args.workers < 1:
-        raise UsageError(f"--workers {args.workers}: must be at least 1")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise UsageError(f"--workers {args.workers}: give 1 to {MAX_WORKERS} (4 per CPU of this machine)")
     check_inputs(args.input)
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UsageError(f"--out_dir {args.out_dir} is a file, not a folder: give a folder for the shards")
@@ -223,12 +225,18 @@ def main(argv=None):
     if old and not args.overwrite:
         raise UsageError(f"{args.out_dir} already holds {len(old)} shards ({os.path.basename(old[0])}, ...); "
                          "pass --overwrite to replace them or choose another --out_dir")
-    for path in old:
+    writable_folder("out_dir", args.out_dir)
+    stale_meta = os.path.join(args.out_dir, "meta.json")  # written last, once the shards are whole
+    for path in old + ([stale_meta] if os.path.exists(stale_meta) else []):
         os.remove(path)
-    os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
-    n_docs, writer = tokenize(args.input, args.out_dir, args.shard_size, args.workers, args.field,
-                              progress=not args.no_progress)
+    try:
+        n_docs, writer = tokenize(args.input, args.out_dir, args.shard_size, args.workers, args.field,
+                                  progress=not args.no_progress)
+    except BaseException:  # bad input or an interruption: no shards of a stream that did not finish
+        for path in existing_shards(args.out_dir):
+            os.remove(path)
+        raise
     if not n_docs:
         raise UsageError(f"no documents in {' '.join(args.input)} (only blank lines?)")
     meta = write_meta(args.out_dir, args.input)
@@ -247,4 +255,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_tool(main)

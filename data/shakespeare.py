@@ -51,7 +51,8 @@ import urllib.request  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from train_gpt import OneLineParser, UsageError, run_cli, gpt2_encoding, write_json, write_shard  # noqa: E402
+from train_gpt import OneLineParser, UsageError, gpt2_encoding, write_json, write_shard  # noqa: E402
+from bench.cli import run_tool, writable_folder  # noqa: E402
 
 TINY_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_CHARS = 1115394
@@ -162,9 +163,11 @@ def build(text, mode, out_dir, source):
         train_ids, val_ids = (np.array(enc.encode_ordinary(t), dtype=np.uint16) for t in (train_text, val_text))
     meta["source"] = source
     meta["split"] = "first 90% of the characters train, last 10% val"
-    os.makedirs(out_dir, exist_ok=True)
+    writable_folder("out_dir", out_dir)
     paths = {"train": os.path.join(out_dir, "train_000000.bin"), "val": os.path.join(out_dir, "val_000000.bin"),
              "meta": os.path.join(out_dir, "meta.json")}
+    if os.path.exists(paths["meta"]):  # written last: shards without it are no finished data set
+        os.remove(paths["meta"])
     write_shard(paths["train"], train_ids)
     write_shard(paths["val"], val_ids)
     write_json(paths["meta"], meta, ensure_ascii=False, indent=1)
@@ -218,4 +221,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_tool(main)

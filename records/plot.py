@@ -12,14 +12,14 @@ Usage: python records/plot.py LOG [LOG ...] -o curves.png [--target X] [--group_
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from verify import parse_log, header_float  # noqa: E402
-from train_gpt import atomic_write  # noqa: E402  (verify puts the root on the path)
+from train_gpt import OneLineParser, atomic_write  # noqa: E402  (verify puts the root on the path)
+from bench.cli import run_tool  # noqa: E402
 
 
 class PlotError(Exception):
@@ -136,7 +136,11 @@ FORMATS = (".png", ".pdf", ".svg")
 def output_problem(out_path: str) -> str | None:
     """Why the figure cannot be written at out_path (one line), or None."""
     path = Path(out_path)
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as e:  # e.g. a name too long for the file system
+        return f"-o {out_path}: {e.strerror or e}; give a shorter file name"
+    if is_dir:
         return f"-o {out_path} is a folder: give a file name, e.g. {path / 'curves.png'}"
     if path.suffix.lower() not in FORMATS:
         return f"-o {out_path}: give a file ending in {', '.join(FORMATS)}"
@@ -147,7 +151,7 @@ def output_problem(out_path: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         description="Plot val loss against train time and against tokens for one or more run logs.")
     ap.add_argument("logs", nargs="+", metavar="LOG", help="run log(s), e.g. logs/<run_id>.txt")
     ap.add_argument("-o", "--output", default="curves.png", help="output PNG path (default: curves.png)")
@@ -158,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--title", default=None, help="figure title")
     args = ap.parse_args(argv)
     problem = output_problem(args.output)
+    if args.target is not None and not math.isfinite(args.target):
+        problem = f"--target {args.target}: give a finite val loss"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -168,10 +174,15 @@ def main(argv=None) -> int:
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    plot_curves(curves, args.output, target=args.target, group_by=args.group_by, title=args.title)
+    try:
+        plot_curves(curves, args.output, target=args.target, group_by=args.group_by, title=args.title)
+    except OSError as e:
+        print(f"error: -o {args.output}: cannot write it ({e.strerror or e}); give a file in a folder you can write",
+              file=sys.stderr)
+        return 2
     print(f"wrote {args.output}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -416,7 +416,7 @@ def test_fineweb_offline_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
         name = fineweb.shard_names(2)[present]
         monkeypatch.setattr(sys, "argv", ["cached_fineweb10B.py", "2", "--out_dir", str(out)])
         with pytest.raises(SystemExit) as info:
-            fineweb.run_cli(fineweb.main)
+            fineweb.run_tool(fineweb.main)
         assert info.value.code == 2 and tried[-1] == ("kjj0/fineweb10B-gpt2", name, "dataset")
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err
