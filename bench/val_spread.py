@@ -39,7 +39,7 @@ def train_reference(data, folder):
 @torch.no_grad()
 def window_losses(model_path, data, batch=256):
     """The mean next-token loss of every block_size window of the val split, in order."""
-    model, _ = train_gpt.load_model(model_path, "--model")
+    model, _, _ = train_gpt.load_model(model_path, "--model")
     T = model.cfg.block_size
     tokens = torch.from_numpy(train_gpt.read_shard(train_gpt.find_shards(os.path.join(data, "val_*.bin"),
                                                                           "validation")[0]).astype("int64"))
