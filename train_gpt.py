@@ -2728,10 +2728,13 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 
 def run_cli(entry):
-    """Runs a command-line entry point: a UsageError becomes one line on stderr and exit code 2, a TrainingError
-    exit code 3 (under torchrun every rank raises the same one, and rank 0 prints it)."""
+    """Runs a command-line entry point and returns its result: a UsageError becomes one line on stderr and exit code
+    2, a TrainingError exit code 3 (under torchrun every rank raises the same one, and rank 0 prints it), a stdout
+    whose reader went away exit code 1, quietly; the data scripts, the measuring scripts and records/ use it too."""
     try:
-        return entry()
+        result = entry()
+        sys.stdout.flush()  # a closed pipe shows here, inside this try, rather than in the flush at exit
+        return result
     except (UsageError, TrainingError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
