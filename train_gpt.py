@@ -378,6 +378,8 @@ def find_checkpoint(resume, log_dir, run_id):
 
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a name: never a path, never hidden, never an option
+# A file name holds at most 255 bytes; a run's longest is its log's, <run_id>.txt, and a record folder adds a date.
+MAX_RUN_ID_CHARS = 200
 
 
 def check_run_files(cfg, resumed_run_id=None):
@@ -386,19 +388,37 @@ def check_run_files(cfg, resumed_run_id=None):
     if not RUN_ID.fullmatch(cfg.run_id):
         raise UsageError(f"--run_id {cfg.run_id!r} is not a plain name: use letters, digits, '.', '_' and '-' "
                          "(starting with a letter or digit); the log goes to --log_dir")
+    if len(cfg.run_id) > MAX_RUN_ID_CHARS:
+        raise UsageError(f"--run_id is {len(cfg.run_id)} characters long; give at most {MAX_RUN_ID_CHARS} (it names "
+                         "the run's files)")
     log_dir = Path(cfg.log_dir).absolute()
     existing_dir = next(d for d in (log_dir, *log_dir.parents) if d.exists())
     if not os.access(existing_dir, os.W_OK):
         raise UsageError(f"--log_dir {cfg.log_dir}: {existing_dir} cannot be written; give a folder you can write")
     log_path, run_dir = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt"), os.path.join(cfg.log_dir, cfg.run_id)
     existing = [p for p in (log_path, run_dir) if os.path.exists(p)]
+    if existing == [log_path] and cfg.run_id != resumed_run_id and not logged_a_step(log_path):
+        raise UsageError(f"--run_id {cfg.run_id}: {log_path} holds no step (its run stopped during start-up, or is "
+                         f"still starting); if it stopped, remove that log to use the run_id again, or choose another")
     if existing and cfg.run_id != resumed_run_id:
         raise UsageError(f"--run_id {cfg.run_id}: {existing[0]} belongs to another run; choose another --run_id "
                          f"(or none), or continue that run with --resume auto --run_id {cfg.run_id}")
 
 
+def logged_a_step(log_path):
+    """Whether a run log holds a step line (a run that started), or cannot be read as a log at all."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return True
+    _, separator, after = text.partition("\n" + LOG_SEPARATOR + "\n")
+    return not separator or any(line.startswith("step:") for line in after.splitlines())
+
+
 def divisors(n):
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
 
 
 def split_batch(batch_size, grad_accum_steps, world_size):
@@ -618,9 +638,11 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: say which
+            e.filename = path
         raise
 
 
@@ -717,16 +739,20 @@ def load_meta(pattern):
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise UsageError(f"{path} is not valid JSON ({e}); {fix}") from None
+    return checked_meta(meta, path, fix)
+
+
+def checked_meta(meta, where, fix):
+    """meta (a meta.json's, or a saved model's copy of it) with its vocab_size, if it names a tokenizer this
+    script knows; else UsageError naming where it was read and the fix."""
     if not isinstance(meta, dict) or meta.get("tokenizer") not in ("gpt2", "char"):
-        raise UsageError(f"{path}: \"tokenizer\" must be \"gpt2\" or \"char\"; {fix}")
+        raise UsageError(f"{where}: \"tokenizer\" must be \"gpt2\" or \"char\"; {fix}")
     if meta["tokenizer"] == "char":
         chars = meta.get("chars")
         if not isinstance(chars, str) or not chars or len(set(chars)) != len(chars):
-            raise UsageError(f"{path}: a char tokenizer needs \"chars\", a string of distinct characters; {fix}")
-        meta["vocab_size"] = len(chars)
-    else:
-        meta["vocab_size"] = GPT2_VOCAB_SIZE
-    return meta
+            raise UsageError(f"{where}: a char tokenizer needs \"chars\", a string of distinct characters; {fix}")
+        return dict(meta, vocab_size=len(chars))
+    return dict(meta, vocab_size=GPT2_VOCAB_SIZE)
 
 
 def check_same_tokenizer(train_pattern, val_pattern, meta):
@@ -1236,10 +1262,23 @@ class GPT(nn.Module):
         return idx
 
 
+# More parameters than any one machine trains (16 bytes each: 16 TiB), refused before a model is built to count them
+MAX_PARAMS = 2 ** 40
+
+
+def check_model_size(n_layer, n_embd, vocab_size):
+    """UsageError when the shape has more than MAX_PARAMS parameters, roughly: its blocks, embedding and head."""
+    roughly = n_layer * 12 * n_embd ** 2 + 2 * vocab_size * n_embd
+    if roughly > MAX_PARAMS:
+        raise UsageError(f"--n_layer {n_layer} and --n_embd {n_embd} make a model of about {roughly:.3g} parameters, "
+                         f"more than the {MAX_PARAMS:.3g} any machine trains: lower them")
+
+
 def gpt_config(cfg, vocab_size):
     """The model that a resolved configuration describes, for a tokenizer of vocab_size ids."""
     values = {f.name: getattr(cfg, f.name) for f in MODEL_FIELDS}
     values["n_embd"] = cfg.model_width
+    check_model_size(cfg.n_layer, cfg.model_width, vocab_size)
     return GPTConfig(**values, vocab_size=padded_vocab(vocab_size), real_vocab_size=vocab_size)
 
 
@@ -1713,7 +1752,11 @@ class Trainer:
         self.device = torch.device("cuda", local_rank) if cfg.device == "cuda" else torch.device(cfg.device)
         # Data is checked before anything heavy starts.
         train_files = find_shards(cfg.input_bin, "training")
-        find_shards(cfg.input_val_bin, "validation")
+        val_files = find_shards(cfg.input_val_bin, "validation")
+        both = sorted({os.path.realpath(f) for f in train_files} & {os.path.realpath(f) for f in val_files})
+        if both:  # the run would be scored on text it trains on
+            raise UsageError(f"{both[0]} is matched by both --input_bin {cfg.input_bin} and --input_val_bin "
+                             f"{cfg.input_val_bin}: give globs that select separate train and val shards")
         self.meta = load_meta(cfg.input_bin)
         check_same_tokenizer(cfg.input_bin, cfg.input_val_bin, self.meta)
         self.train_tokens = check_shards(train_files, self.meta["vocab_size"], 1)
@@ -2085,10 +2128,21 @@ class Trainer:
     def load_checkpoint(self, payload):
         self.load_state_dict(dict(payload, optimizers=payload["optimizers"][self.rank]))
 
+    def resume_from(self, payload):
+        """After setup(): the state of a checkpoint that check_checkpoint() passed, and the log's line on it."""
+        try:
+            self.load_checkpoint(payload)
+        except Exception as e:  # damage the checks did not see (an optimizer state, a buffer)
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise UsageError(f"--resume {self.cfg.resume}: the checkpoint is damaged ({type(e).__name__}: {first}); "
+                             "resume from an earlier one or start anew") from None
+        self.log(f"resume from {self.cfg.resume} at step:{self.step} train_time:{self.clock.elapsed_ms:.0f}ms")
+
     def save_model(self, path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        payload = dict(model=self.raw_model.state_dict(), model_config=dataclasses.asdict(self.gcfg),
-                       meta=dict(self.meta), hyperparameters=dataclasses.asdict(self.cfg))
+        weights = self.raw_model.state_dict()
+        payload = dict(model=weights, model_config=dataclasses.asdict(self.gcfg), meta=dict(self.meta),
+                       hyperparameters=dataclasses.asdict(self.cfg), weights_sha256=weights_sha256(weights))
         atomic_save(payload, path)
 
 
@@ -2146,6 +2200,15 @@ def source_sha256():
     return hashlib.sha256(own_source().encode("utf-8")).hexdigest()
 
 
+def weights_sha256(state):
+    """The sha256 of a state dict's names and tensor bytes: a saved model's own check that it reads back whole."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode("utf-8"))
+        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def start_wandb(cfg, log):
     """A Weights & Biases run, or None: training never fails because wandb does."""
     try:
@@ -2159,8 +2222,12 @@ def start_wandb(cfg, log):
 
 
 def atomic_save(obj, path):
-    """torch.save to path whole or not at all (atomic_write)."""
-    atomic_write(path, functools.partial(torch.save, obj))
+    """torch.save to path whole or not at all (atomic_write). It writes into a file object: given a path,
+    torch.save reports a full disk as a RuntimeError without its errno."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    atomic_write(path, write)
 
 
 class RunLog:
@@ -2168,7 +2235,8 @@ class RunLog:
     the resolved configuration, then every printed line. Only rank 0 writes; a resumed run appends."""
 
     def __init__(self, path, enabled=True, append=False):
-        self.path, self.enabled, self.appending = path, enabled, append
+        self.path, self.enabled, self.appending, self.console = path, enabled, append, True
+        self.stepped = append  # a step line was written: the log holds a run, not only the header of one
         if enabled and not append:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             try:  # created exclusively: two runs started with one --run_id never share a log
@@ -2187,13 +2255,31 @@ class RunLog:
             with open(path, "a") as f:
                 f.write(json.dumps(values) + "\n")
 
+    def remove_if_unstarted(self):
+        """Removes the log of a run that stopped before its first step line, so its run_id can be used again."""
+        if self.enabled and not self.stepped:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+
     def __call__(self, line, console=True):
         if not self.enabled:
             return
-        if console:
-            print(line, flush=True)
+        self.stepped = self.stepped or line.startswith("step:")
+        if console and self.console:
+            try:
+                print(line, flush=True)
+            except BrokenPipeError:  # the console's reader went away (`| head`): the run and its log go on
+                self.console = False
+                silence_stdout()
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
+
+
+def silence_stdout():
+    """Points stdout at the null device after its reader closed the pipe, so that no later print or the flush at
+    exit fails again."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def hardware_description(device):
@@ -2243,17 +2329,30 @@ def load_model(path, what):
     `what` asked for it, for anything else."""
     if not os.path.exists(path):
         raise UsageError(f"{what} {path}: no such file; pass a logs/<run_id>/model.pt")
+    fix = "pass a logs/<run_id>/model.pt that a run wrote, or train again"
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(payload, dict) and "optimizers" in payload:
+            raise UsageError(f"{what} {path}: a training checkpoint, not a model; use logs/<run_id>/model.pt "
+                             "(written at the end of a run), or --resume the checkpoint")
+        meta = checked_meta(payload["meta"], f"{what} {path}", fix)
         gcfg = GPTConfig(**payload["model_config"])
-    except Exception as e:  # any unreadable checkpoint is reported the same way
-        raise UsageError(f"{what} {path}: not a model saved by train_gpt.py ({type(e).__name__})") from None
-    if "meta" not in payload:
-        raise UsageError(f"{what} {path}: a training checkpoint, not a model; use logs/<run_id>/model.pt (written at "
-                         "the end of a run), or --resume the checkpoint")
-    model = GPT(gcfg)
-    model.load_state_dict(payload["model"])
-    return model.eval(), payload
+        check_model_size(gcfg.n_layer, gcfg.n_embd, gcfg.vocab_size)
+        if gcfg.real_vocab_size != meta["vocab_size"]:
+            raise ValueError(f"a vocabulary of {gcfg.real_vocab_size} for a tokenizer of {meta['vocab_size']}")
+        digest = weights_sha256(payload["model"])
+        if payload.get("weights_sha256", digest) != digest:  # a model.pt written before the digest has none
+            raise ValueError("its weights are not the bytes it saved")
+        model = GPT(gcfg)
+        model.load_state_dict(payload["model"])
+        seed = payload["hyperparameters"]["seed"]
+    except UsageError:
+        raise
+    except Exception as e:  # any unreadable or damaged model is reported the same way
+        first = (str(e).strip().splitlines() or [""])[0][:100]
+        raise UsageError(f"{what} {path}: not a whole model saved by train_gpt.py ({type(e).__name__}: {first}); "
+                         f"{fix}") from None
+    return model.eval(), meta, seed
 
 
 def sample_main(sampling):
@@ -2261,8 +2360,7 @@ def sample_main(sampling):
     if sampling.top_k < 0 or not 0 <= sampling.temperature < math.inf or sampling.max_new_tokens < 0 or \
             sampling.num_samples < 1:
         raise UsageError("--top_k, --temperature (finite) and --max_new_tokens must be >= 0 and --num_samples >= 1")
-    model, payload = load_model(sampling.sample, "--sample")
-    meta = payload["meta"]
+    model, meta, seed = load_model(sampling.sample, "--sample")
     encode, decode = tokenizer_from_meta(meta)
     if meta["tokenizer"] == "char":  # a char vocabulary cannot encode what training never saw
         unknown = sorted(set(sampling.prompt) - set(meta["chars"]))
@@ -2273,7 +2371,7 @@ def sample_main(sampling):
             print(f"note: the prompt's characters {''.join(unknown)!r} are not in the model's vocabulary and were "
                   "dropped", file=sys.stderr)
     ids = encode(sampling.prompt) or [0]
-    torch.manual_seed(payload["hyperparameters"].get("seed", 0))
+    torch.manual_seed(seed)
     for _ in range(sampling.num_samples):
         out = model.generate(torch.tensor([ids]), sampling.max_new_tokens, meta["vocab_size"],
                              sampling.temperature, sampling.top_k)
@@ -2287,22 +2385,14 @@ def check_main(cfg, rank, local_rank):
     and barrier show the processes reach each other. Raises UsageError (exit 2) when the run could not start."""
     say = print if rank == 0 else (lambda line: None)
     say(f"check: {versions()}")
-    error, trainer = None, None
-    try:
-        trainer = Trainer(cfg, log=lambda line: None, rank=rank, local_rank=local_rank)
-        mine = describe_device(trainer.device, trainer.memory_available)
-    except UsageError as e:
-        error, mine = str(e), None
-    per_rank = [(error, mine)]
+    trainer = on_every_rank(cfg, lambda: Trainer(cfg, log=lambda line: None, rank=rank, local_rank=local_rank))
+    mine = describe_device(trainer.device, trainer.memory_available)
+    per_rank = [mine]
     if cfg.world_size > 1:
         per_rank = [None] * cfg.world_size
-        dist.all_gather_object(per_rank, (error, mine))
-    failed = [(r, e) for r, (e, _) in enumerate(per_rank) if e]
-    if failed:
-        where = f"rank {failed[0][0]}: " if cfg.world_size > 1 else ""
-        raise UsageError(where + failed[0][1])
+        dist.all_gather_object(per_rank, mine)
     devices = {}
-    for r, (_, device) in enumerate(per_rank):
+    for r, device in enumerate(per_rank):
         devices.setdefault(device, []).append(r)
     for device, ranks in devices.items():
         say(f"check: device {device}" + (f" (ranks {ranks})" if cfg.world_size > 1 else ""))
@@ -2329,6 +2419,91 @@ def check_main(cfg, rank, local_rank):
         dist.destroy_process_group()
     say("check: the run can start")
     return None
+
+
+def on_every_rank(cfg, make):
+    """make()'s result. Under torchrun, where a check may fail on one rank only (its node's data or memory), a
+    UsageError on any rank is raised on every rank, naming the first such rank, so that rank 0 prints it and all
+    stop together."""
+    error, result = None, None
+    try:
+        result = make()
+    except UsageError as e:
+        if cfg.world_size == 1:
+            raise
+        error = str(e)
+    if cfg.world_size > 1:
+        errors = [None] * cfg.world_size
+        dist.all_gather_object(errors, error)
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if failed:
+            raise UsageError(f"rank {failed[0][0]}: {failed[0][1]}")
+    return result
+
+
+# Settings a rank may give otherwise than rank 0: where its node keeps the data (compared by the shards' names and
+# sizes instead) and the logs (which rank 0 writes).
+RANK_MAY_DIFFER = ("input_bin", "input_val_bin", "log_dir")
+
+
+# Bytes hashed at each end of a shard to tell other data of the same size apart, without reading whole shards.
+SHARD_SAMPLE_BYTES = 2 ** 20
+
+
+def shard_digest(path):
+    """The start of the sha256 of a shard's first and last SHARD_SAMPLE_BYTES."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(SHARD_SAMPLE_BYTES))
+        f.seek(max(SHARD_SAMPLE_BYTES, os.path.getsize(path) - SHARD_SAMPLE_BYTES))
+        digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def rank_facts(cfg):
+    """What every rank of a job must share: the resolved configuration and the data it finds (each shard's name,
+    size and shard_digest; the meta). Raises UsageError for data this rank cannot find."""
+    facts = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RANK_MAY_DIFFER}
+    for key, what in (("input_bin", "training"), ("input_val_bin", "validation")):
+        facts[f"{key} shards"] = [(os.path.basename(f), os.path.getsize(f), shard_digest(f))
+                                  for f in find_shards(getattr(cfg, key), what)]
+    facts["meta.json"] = load_meta(cfg.input_bin)
+    return facts
+
+
+def first_difference(mine, theirs):
+    """The first item at which two values differ, for a short message: an element of a list, else the values."""
+    if isinstance(mine, list) and isinstance(theirs, list):
+        at = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        mine, theirs = (mine[at] if at < len(mine) else "nothing"), (theirs[at] if at < len(theirs) else "nothing")
+        return f"[{at}] {mine!r}", f"{theirs!r}"
+    return repr(mine)[:80], repr(theirs)[:80]
+
+
+def check_ranks_agree(cfg):
+    """Under torchrun, before anything is written: every rank's rank_facts against rank 0's, in one collective. A
+    rank that differs (another command, other data) or cannot find its data stops the job in one line, for a run
+    and for --check alike."""
+    every = [None] * cfg.world_size
+    try:
+        mine = (None, rank_facts(cfg))
+    except UsageError as e:
+        mine = (str(e), None)
+    dist.all_gather_object(every, mine)
+    failed = [(r, error) for r, (error, _) in enumerate(every) if error]
+    if failed:
+        raise UsageError(f"rank {failed[0][0]}: {failed[0][1]}")
+    reference = every[0][1]
+    differ = {r: [k for k in reference if facts.get(k) != reference[k]] for r, (_, facts) in enumerate(every)}
+    differ = {r: keys for r, keys in differ.items() if keys}
+    if differ:
+        r, keys = next(iter(differ.items()))
+        theirs, ours = first_difference(every[r][1][keys[0]], reference[keys[0]])
+        more = f" (and {len(keys) - 1} more: {', '.join(keys[1:4])}{'...' if len(keys) > 4 else ''})" \
+            if len(keys) > 1 else ""
+        ranks = f"rank {r} differs" if len(differ) == 1 else f"ranks {', '.join(map(str, differ))} differ"
+        raise UsageError(f"{ranks} from rank 0: rank {r}'s {keys[0]} is {theirs}, rank 0's {ours}{more}; launch every "
+                         "rank with the same command and the same data")
 
 
 def describe_device(device, available):
@@ -2413,26 +2588,34 @@ def raise_terminated(signum, frame):
     raise Terminated
 
 
+def when_stopped(trainer):
+    """Where a run stopped: at its step, or during the start-up (the checks, the log, setup and the warm-up)."""
+    if getattr(trainer, "session_start", None) is None:
+        return f"during start-up, before step:{getattr(trainer, 'step', 0)}"
+    return f"at step:{trainer.step}"
+
+
 def raise_if_rank_lost(cfg, trainer, rank):
     """After a collective failed under torchrun: raises JobStopped when another rank's process has ended, so that the
-    job stops with one line instead of each survivor's traceback. Returns when no peer is known to be gone."""
+    job stops with one line instead of each survivor's traceback, however far it got (trainer: None before one
+    exists). Returns when no peer is known to be gone."""
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops survivors: first say what happened
     try:
         lost = lost_ranks(rank, cfg.world_size)
         first = bool(lost) and job_store().add(f"{STORE_PREFIX}reported", 1) == 1
-    except Exception:
+    except Exception:  # lost_ranks() never raises; the store may
         first = False
-    finally:
+    if not lost:
         signal.signal(signal.SIGTERM, previous)
-    if lost:
-        who = f"rank {lost[0]} was" if len(lost) == 1 else f"ranks {', '.join(map(str, lost))} were"
-        raise JobStopped(f"{who} lost at step:{trainer.step} (the process ended; torchrun's summary says how); "
-                       f"{resume_advice(cfg, trainer)}" if first else "")
+        return
+    who = f"rank {lost[0]} was" if len(lost) == 1 else f"ranks {', '.join(map(str, lost))} were"
+    raise JobStopped(f"{who} lost {when_stopped(trainer)} (the process ended; torchrun's summary says how); "
+                     f"{resume_advice(cfg)}" if first else "")  # SIGTERM stays ignored until the line is printed
 
 
-def resume_advice(cfg, trainer):
+def resume_advice(cfg):
     """How to go on after a run stopped early: from its last checkpoint, or from scratch when there is none."""
-    found = sorted(glob.glob(os.path.join(trainer.checkpoint_dir(), "checkpoint_*.pt")))
+    found = sorted(glob.glob(os.path.join(cfg.log_dir, cfg.run_id, "checkpoint_*.pt")))
     if not found:
         return "no checkpoint was written (they need --save_every N), so start again"
     return f"the last checkpoint is {found[-1]}: resume with the same command and --resume auto --run_id {cfg.run_id}"
@@ -2483,53 +2666,50 @@ def main(argv=None):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     # 1. The finished configuration: every flag, preset, recipe and derived value, checked.
     cfg = resolve_config(argv, world_size)
-    # 2. The process group, under torchrun.
-    if world_size > 1:
-        cfg = init_distributed(cfg, local_rank)
-    if modes.check:
-        return check_main(cfg, rank, local_rank)
-    # 3. The data and the checkpoint to resume, checked before anything heavy or any file is written.
-    trainer = Trainer(cfg, rank=rank, local_rank=local_rank)
-    checkpoint = trainer.check_checkpoint(cfg.resume) if cfg.resume else None
-    # 4. The log (rank 0): the source, then the header; a resumed run appends to its own log.
-    log = open_run_log(cfg, rank)
-    trainer.log, trainer.metrics = log, log.metrics
-    if not log.appending:
-        log_header(log, cfg, trainer)
-    # 5. Model and optimizers, and the checkpoint's state when resuming.
-    trainer.setup()
-    if checkpoint is not None:
-        try:
-            trainer.load_checkpoint(checkpoint)
-        except Exception as e:  # damage the checks did not see (an optimizer state, a buffer)
-            if rank == 0 and not log.appending:  # the header of a run that never started would block its run_id
-                os.remove(log.path)
-            first = (str(e).splitlines() or [""])[0][:200]
-            raise UsageError(f"--resume {cfg.resume}: the checkpoint is damaged ({type(e).__name__}: {first}); "
-                             "resume from an earlier one or start anew") from None
-        log(f"resume from {cfg.resume} at step:{trainer.step} train_time:{trainer.clock.elapsed_ms:.0f}ms")
-    # 6. Train, then save the model and write the outcome: the log's last line, by which a record is judged.
-    if rank == 0 and cfg.wandb:
-        trainer.wandb_run = start_wandb(cfg, log)
+    trainer, log = None, None
     previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated) if world_size > 1 else None
     try:
+        # 2. The process group, under torchrun, and every rank's configuration and data against rank 0's.
+        if world_size > 1:
+            cfg = init_distributed(cfg, local_rank)
+            check_ranks_agree(cfg)
+        if modes.check:
+            return check_main(cfg, rank, local_rank)
+        # 3. The data and the checkpoint to resume, checked before anything heavy or any file is written.
+        trainer = on_every_rank(cfg, lambda: Trainer(cfg, rank=rank, local_rank=local_rank))
+        checkpoint = on_every_rank(cfg, lambda: trainer.check_checkpoint(cfg.resume)) if cfg.resume else None
+        # 4. The log (rank 0): the source, then the header; a resumed run appends to its own log.
+        log = open_run_log(cfg, rank)
+        trainer.log, trainer.metrics = log, log.metrics
+        if not log.appending:
+            log_header(log, cfg, trainer)
+        # 5. Model and optimizers, and the checkpoint's state when resuming.
+        trainer.setup()
+        if checkpoint is not None:
+            trainer.resume_from(checkpoint)
+        # 6. Train, then save the model and write the outcome: the log's last line, by which a record is judged.
+        if rank == 0 and cfg.wandb:
+            trainer.wandb_run = start_wandb(cfg, log)
         result = trainer.run()
     except KeyboardInterrupt:
         if rank == 0:
-            print(f"interrupted at step:{trainer.step}; {resume_advice(cfg, trainer)}", file=sys.stderr)
+            print(f"interrupted {when_stopped(trainer)}; {resume_advice(cfg)}", file=sys.stderr)
         raise
     except (RuntimeError, Terminated) as e:  # under torchrun: a collective whose peer died, or torchrun stopping us
         if world_size > 1:
             raise_if_rank_lost(cfg, trainer, rank)
         if isinstance(e, Terminated):
-            raise JobStopped(f"stopped by a SIGTERM at step:{trainer.step}; {resume_advice(cfg, trainer)}"
-                           if rank == 0 else "") from None
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the line below short
+            raise JobStopped(f"stopped by a SIGTERM {when_stopped(trainer)}; {resume_advice(cfg)}"
+                             if rank == 0 else "") from None
         raise
     finally:
-        if previous_sigterm is not None:
+        if previous_sigterm is not None and signal.getsignal(signal.SIGTERM) is raise_terminated:
             signal.signal(signal.SIGTERM, previous_sigterm)
-        if trainer.wandb_run is not None:
+        if getattr(trainer, "wandb_run", None) is not None:
             trainer.wandb_run.finish()
+        if log is not None:
+            log.remove_if_unstarted()
     if rank == 0:
         path = os.path.join(cfg.log_dir, cfg.run_id, "model.pt")
         trainer.save_model(path)
@@ -2548,10 +2728,13 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 
 def run_cli(entry):
-    """Runs a command-line entry point: a UsageError becomes one line on stderr and exit code 2, a TrainingError
-    exit code 3 (under torchrun every rank raises the same one, and rank 0 prints it)."""
+    """Runs a command-line entry point and returns its result: a UsageError becomes one line on stderr and exit code
+    2, a TrainingError exit code 3 (under torchrun every rank raises the same one, and rank 0 prints it), a stdout
+    whose reader went away exit code 1, quietly; the data scripts, the measuring scripts and records/ use it too."""
     try:
-        return entry()
+        result = entry()
+        sys.stdout.flush()  # a closed pipe shows here, inside this try, rather than in the flush at exit
+        return result
     except (UsageError, TrainingError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -2566,6 +2749,9 @@ def run_cli(entry):
         if str(e):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except BrokenPipeError:  # stdout's reader went away (`--check | head`): nothing more can be said
+        silence_stdout()
+        sys.exit(1)
     except OSError as e:  # a full disk, a folder that became read-only: the files written so far are whole
         if e.errno not in WRITE_ERRNOS:
             raise
@@ -2606,11 +2792,10 @@ def resolve_spellings(values, spellings):
             raise UsageError(f"--eval_iters must be positive, got {spellings['eval_iters']}")
         out["val_tokens"] = spellings["eval_iters"] * values["batch_size"] * values["block_size"]
     n_head, n_kv_head = values["n_head"], values["n_kv_head"]
-    valid = f"valid values are {divisors(n_head)}"
     group, ratio, gqa = spellings.get("n_headgroup"), spellings.get("kv_head_ratio"), spellings.get("gqa_enabled")
     if group is not None:
         if group <= 0 or n_head % group:
-            raise UsageError(f"--n_headgroup {group} must divide n_head {n_head}: {valid}")
+            raise UsageError(f"--n_headgroup {group} must divide n_head {n_head}: valid values are {divisors(n_head)}")
         if n_kv_head and n_kv_head * group != n_head:
             raise UsageError(f"--n_kv_head {n_kv_head} and --n_headgroup {group} disagree: n_kv_head * n_headgroup "
                              f"must equal n_head ({n_head}); give only one of them")

@@ -39,11 +39,10 @@ def train_reference(data, folder):
 @torch.no_grad()
 def window_losses(model_path, data, batch=256):
     """The mean next-token loss of every block_size window of the val split, in order."""
-    model, payload = train_gpt.load_model(model_path, "--model")
+    model, trained, _ = train_gpt.load_model(model_path, "--model")
     T = model.cfg.block_size
     shard = train_gpt.find_shards(os.path.join(data, "val_*.bin"), "validation")[0]
     meta = train_gpt.load_meta(os.path.join(data, "val_*.bin"))
-    trained = payload["meta"]
     if (meta["tokenizer"], meta.get("chars")) != (trained["tokenizer"], trained.get("chars")):
         raise UsageError(f"--data {data} holds another tokenizer's shards than --model {model_path} was trained on; "
                          "give the --data the model was trained on")

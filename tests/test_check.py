@@ -40,7 +40,7 @@ def test_check_refuses_too_few_shards_with_one_line(tmp_path, char_data):
 
 def test_a_run_refuses_a_model_too_big_for_memory_before_its_log_exists(tmp_path, char_data):
     logs = str(tmp_path / "logs")
-    huge = tiny_args(char_data, logs, n_layer=48, n_embd=65536, n_head=4)
+    huge = tiny_args(char_data, logs, n_layer=48, n_embd=16384, n_head=4)
     for args in (huge, ["--check", *huge]):
         result = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args], capture_output=True,
                                 text=True, timeout=300, cwd=ROOT)

@@ -1,5 +1,6 @@
 """Bad input, and runs that must not clobber each other: one clear line, the right exit code, no file left behind
 that looks like a run's."""
+import errno
 import glob
 import os
 import signal
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import ROOT, make_char_data, tiny_args
+from conftest import ROOT, TEXT, make_char_data, tiny_args
 
 
 def cli(args, script="train_gpt.py", **kwargs):
@@ -215,19 +216,33 @@ def test_a_resume_that_would_change_the_run_is_refused(finished_run, tmp_path, f
     assert cfg.save_every == 5 and cfg.resume == ckpt
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, char_data, monkeypatch, capsys):
-    def full_disk(obj, path):
-        open(path, "wb").write(b"partial")
-        raise OSError(28, "No space left on device", path)
+@pytest.mark.parametrize("save_every, written", [(2, "checkpoint_000002.pt"), (0, "model.pt")])
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, char_data, monkeypatch, capsys, save_every,
+                                                            written):
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a file's write() raises it: naming no file
     monkeypatch.setattr(train_gpt.torch, "save", full_disk)
     logs = tmp_path / "logs"
     with pytest.raises(SystemExit) as exit_:
-        train_gpt.run_cli(lambda: train_gpt.main(tiny_args(char_data, str(logs), run_id="full", save_every=2,
+        train_gpt.run_cli(lambda: train_gpt.main(tiny_args(char_data, str(logs), run_id="full", save_every=save_every,
                                                            max_iters=4, warmdown_iters=1)))
     assert exit_.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: could not write ") and "No space left on device" in err[0]
-    assert not [p for p in logs.rglob("*") if ".tmp" in p.name]
+    assert len(err) == 1 and err[0].startswith(f"error: could not write {logs / 'full' / written}: No space left")
+    assert not [p for p in logs.rglob("*") if ".tmp" in p.name or p.name == written]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+def test_torch_save_onto_a_full_device_is_a_full_disk_error(tmp_path):
+    """Given a path, torch.save reports a full disk as a RuntimeError without an errno; atomic_save's file object
+    gets the OSError that run_cli reports in one line, naming the file."""
+    path = tmp_path / "model.pt"
+    os.symlink("/dev/full", f"{path}.tmp{os.getpid()}")  # the temporary file atomic_save writes first
+    with pytest.raises(OSError) as err:
+        train_gpt.atomic_save({"weights": torch.zeros(10_000)}, str(path))
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert os.listdir(tmp_path) == []
 
 
 def rank_pid(run_id, rank):
@@ -290,6 +305,61 @@ def test_a_sigterm_to_torchrun_stops_the_job_with_how_to_resume(tmp_path, char_d
     assert "[rank" not in err, err
 
 
+RANK_WRAPPER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train_gpt
+if os.environ["RANK"] == "1":  # rank 1 alone gets other flags, or dies in one of the trainer's methods
+    sys.argv += {flags!r}
+    if {dies_in!r}:
+        setattr(train_gpt.Trainer, {dies_in!r}, lambda *args: os.kill(os.getpid(), signal.SIGKILL))
+train_gpt.run_cli(train_gpt.main)
+"""
+
+
+def torchrun_where_rank_1_differs(tmp_path, char_data, flags=(), dies_in="", extra=()):
+    """A 2-process torchrun job of a tiny run in which rank 1 is given more flags, or is killed in dies_in."""
+    script = tmp_path / "rank_wrapper.py"
+    script.write_text(RANK_WRAPPER.format(root=ROOT, flags=list(flags), dies_in=dies_in))
+    args = tiny_args(char_data, str(tmp_path / "logs"), run_id="job") + list(extra)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *args], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.parametrize("extra", [[], ["--check"]])
+def test_ranks_given_other_settings_stop_in_one_line_naming_them(tmp_path, char_data, extra):
+    result = torchrun_where_rank_1_differs(tmp_path, char_data, flags=["--max_iters=10"], extra=extra)
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and ours == [
+        "error: rank 1 differs from rank 0: rank 1's max_iters is 10, rank 0's 20 (and 1 more: lr_decay_iters); "
+        "launch every rank with the same command and the same data"], result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_rank_with_other_or_missing_data_is_named(tmp_path, char_data):
+    other = tmp_path / "other"
+    make_char_data(str(other), text=TEXT[::-1])
+    result = torchrun_where_rank_1_differs(tmp_path, char_data, flags=[f"--input_bin={other}/train_*.bin",
+                                                                       f"--input_val_bin={other}/val_*.bin"])
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and ours[0].startswith("error: rank 1 differs from rank 0: rank 1's input_bin shards is "
+                                                 "[0] ('train_000000.bin', "), ours  # the same size, other text
+    result = torchrun_where_rank_1_differs(tmp_path, char_data, flags=[f"--input_bin={tmp_path}/gone/train_*.bin"])
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and ours[0].startswith(f"error: rank 1: no training shards match {tmp_path}/gone/"), ours
+    assert 'train_gpt.py", line' not in result.stderr, result.stderr  # torchrun's summary is the only traceback
+
+
+def test_a_rank_lost_during_start_up_is_named_and_leaves_no_log(tmp_path, char_data):
+    result = torchrun_where_rank_1_differs(tmp_path, char_data, dies_in="setup")
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert ours == ["error: rank 1 was lost during start-up, before step:0 (the process ended; torchrun's summary "
+                    "says how); no checkpoint was written (they need --save_every N), so start again"], result.stderr
+    assert "Connection closed" not in result.stderr and "[rank" not in result.stderr, result.stderr
+    assert not (tmp_path / "logs" / "job.txt").exists()  # the header alone is removed: the run_id is free again
+
+
 def damage(checkpoint, out, **fields):
     """The checkpoint with fields replaced, as if its run had stopped at step 2."""
     payload = torch.load(checkpoint, weights_only=True)
@@ -338,3 +408,63 @@ def test_sampling_refuses_a_temperature_that_is_not_finite(finished_run):
     for temperature in ("nan", "inf"):
         result = cli(["--sample", os.path.join(logs, run_id, "model.pt"), "--temperature", temperature])
         assert_one_line(result, 2, "--temperature (finite)")
+
+
+# --- inputs a hostile user tries: each used to end in a traceback or be accepted
+
+def test_a_train_glob_that_matches_a_val_shard_is_refused(tmp_path, char_data):
+    for overrides in (dict(input_bin=os.path.join(char_data, "*.bin")),
+                      dict(input_val_bin=os.path.join(char_data, "train_*.bin"))):
+        for check in ([], ["--check"]):
+            result = cli(tiny_args(char_data, str(tmp_path / "logs"), **overrides) + check)
+            assert_one_line(result, 2, "is matched by both --input_bin ")
+            assert "give globs that select separate train and val shards" in result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_run_id_too_long_for_a_file_name_is_refused(tmp_path, char_data):
+    result = cli(tiny_args(char_data, str(tmp_path / "logs"), run_id="a" * 300))
+    assert_one_line(result, 2, f"--run_id is 300 characters long; give at most {train_gpt.MAX_RUN_ID_CHARS}")
+
+
+@pytest.mark.parametrize("flags", [["--n_layer", str(10 ** 20)], ["--n_embd", str(10 ** 12)],
+                                   ["--n_head", str(10 ** 14), "--n_embd", str(10 ** 14), "--pos_emb", "learned"]])
+def test_check_refuses_an_absurd_shape_at_once(tmp_path, char_data, flags):
+    result = cli(tiny_args(char_data, str(tmp_path / "logs")) + ["--check", *flags])
+    assert_one_line(result, 2, "parameters, more than the ")
+
+
+def test_a_closed_stdout_ends_check_quietly_and_a_run_goes_on(tmp_path, char_data):
+    """`--check | head -1` exits 1 with nothing on stderr; a run whose console closes finishes its log."""
+    for extra, code in ((["--check"], 1), (["--run_id", "piped"], 0)):
+        args = " ".join(f"'{a}'" for a in tiny_args(char_data, str(tmp_path / "logs"), max_iters=6) + extra)
+        result = subprocess.run(["bash", "-c", f"'{sys.executable}' train_gpt.py {args} | head -1; "
+                                 "exit ${PIPESTATUS[0]}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert result.returncode == code and len(result.stdout.splitlines()) == 1, result.stderr
+        assert result.stderr == "", result.stderr
+    assert (tmp_path / "logs" / "piped.txt").read_text().splitlines()[-1].startswith("target val_loss")
+
+
+def test_a_header_only_log_names_how_to_reuse_its_run_id(tmp_path, char_data):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "stopped.txt").write_text(train_gpt.own_source() + train_gpt.LOG_SEPARATOR + "\ncode_sha256:x\nlog: x\n")
+    result = cli(tiny_args(char_data, str(logs), run_id="stopped"))
+    assert_one_line(result, 2, "stopped.txt holds no step (its run stopped during start-up, or is still starting)")
+    assert "remove that log to use the run_id again" in result.stderr
+
+
+@pytest.mark.parametrize("damage_kind", ["bytes", "truncated", "key"])
+def test_sampling_a_damaged_model_is_one_line(finished_run, tmp_path, damage_kind):
+    _, logs, run_id = finished_run
+    data = open(os.path.join(logs, run_id, "model.pt"), "rb").read()
+    path = tmp_path / "model.pt"
+    if damage_kind == "key":
+        payload = torch.load(os.path.join(logs, run_id, "model.pt"), weights_only=True)
+        del payload["hyperparameters"]
+        torch.save(payload, path)
+    else:
+        half = len(data) // 2
+        path.write_bytes(data[:half] + (b"\0" * 512 + data[half + 512:] if damage_kind == "bytes" else b""))
+    result = cli(["--sample", str(path), "--prompt", "a", "--max_new_tokens", "4"])
+    assert_one_line(result, 2, f"--sample {path}: not a whole model saved by train_gpt.py (")
