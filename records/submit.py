@@ -331,4 +331,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(verify.train_gpt.run_cli(main))  # a closed stdout (`| head`): exit code 1, quietly

@@ -107,6 +107,7 @@ CLOSED_STDOUT = {
     "benchmark": ("bench/benchmark.py", [*BENCH, "--data", "{data}"]),
     "val_spread": ("bench/val_spread.py", ["--model", "{model}", "--data", "{data}"]),
     "plot": ("records/plot.py", ["{log}", "-o", "{tmp}/curves.png"]),
+    "verify": ("records/verify.py", ["--no-stats", "{log}"]),
     "cached_fineweb": ("data/cached_fineweb10B.py", ["0", "--out_dir", "{fineweb}"]),
 }
 
