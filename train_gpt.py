@@ -2386,16 +2386,22 @@ def check_main(cfg, rank, local_rank):
     say = print if rank == 0 else (lambda line: None)
     say(f"check: {versions()}")
     trainer = on_every_rank(cfg, lambda: Trainer(cfg, log=lambda line: None, rank=rank, local_rank=local_rank))
-    mine = describe_device(trainer.device, trainer.memory_available)
+    # A CPU's available memory changes from moment to moment: ranks are grouped by their device alone, and the
+    # least memory any of them found is shown
+    on_cpu = trainer.device.type != "cuda"
+    mine = (describe_device(trainer.device, None if on_cpu else trainer.memory_available), trainer.memory_available)
     per_rank = [mine]
     if cfg.world_size > 1:
         per_rank = [None] * cfg.world_size
         dist.all_gather_object(per_rank, mine)
     devices = {}
-    for r, device in enumerate(per_rank):
-        devices.setdefault(device, []).append(r)
-    for device, ranks in devices.items():
-        say(f"check: device {device}" + (f" (ranks {ranks})" if cfg.world_size > 1 else ""))
+    for r, (device, available) in enumerate(per_rank):
+        devices.setdefault(device, []).append((r, available))
+    for device, members in devices.items():
+        least = min((available for _, available in members if available is not None), default=None)
+        memory = f", {least / 2**30:.1f} GiB available to each process" if on_cpu and least is not None else ""
+        ranks = f" (ranks {[r for r, _ in members]})" if cfg.world_size > 1 else ""
+        say(f"check: device {device}{memory}{ranks}")
     say(f"check: training data {cfg.input_bin}: {len(trainer.train_loader.files)} shard(s), "
         f"{trainer.train_tokens:,} tokens; max_iters {cfg.max_iters} reads "
         f"{cfg.max_iters * cfg.tokens_per_step:,} ({trainer.data_passes:.2f} passes)")
