@@ -151,7 +151,7 @@ def record_readme(track: str, spec: dict, name: str, description: str, folder: s
     first = parsed["header"]
     shas = sorted({r["code_sha256"] for r in results})
     budget = sorted({r["max_iters"] for r in results})
-    versions = (parsed["versions"] or {}).get("line")
+    versions = ", ".join(f"{name} {version}" for name, version in (parsed["versions"] or {}).items())
     lines = [
         f"# {track}: {md_text(name)}, {summary['time_mean_s']:.1f} s mean train time over {summary['n']} runs",
         "",

@@ -1,11 +1,13 @@
 """records/submit.py: a record from fresh fixed-budget runs into a temporary records folder, and refusals."""
 import datetime
+import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from scipy import stats
 
 from conftest import ROOT
@@ -64,6 +66,7 @@ def test_submit_adds_a_record_and_its_row(runs, tmp_path):
     assert (folder / "run1" / "metrics.jsonl").is_file()
     readme = (folder / "README.md").read_text()
     assert "--reproduce 20" in readme and "t = " in readme
+    assert f"| versions | python {platform.python_version()}, torch {torch.__version__} |" in readme
     table = (records / "tiny" / "README.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| ") and "s (mean of" in line]
     assert len(rows) == 2 and f"[logs]({folder.name})" in rows[0] and "older, slower" in rows[1]
