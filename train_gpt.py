@@ -2441,10 +2441,15 @@ def on_every_rank(cfg, make):
     if cfg.world_size > 1:
         errors = [None] * cfg.world_size
         dist.all_gather_object(errors, error)
-        failed = [(r, e) for r, e in enumerate(errors) if e]
-        if failed:
-            raise UsageError(f"rank {failed[0][0]}: {failed[0][1]}")
+        raise_first_error(errors)
     return result
+
+
+def raise_first_error(errors):
+    """errors: each rank's UsageError text or None. Raises the first one, naming its rank."""
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        raise UsageError(f"rank {failed[0][0]}: {failed[0][1]}")
 
 
 # Settings a rank may give otherwise than rank 0: where its node keeps the data (compared by the shards' names and
@@ -2496,9 +2501,7 @@ def check_ranks_agree(cfg):
     except UsageError as e:
         mine = (str(e), None)
     dist.all_gather_object(every, mine)
-    failed = [(r, error) for r, (error, _) in enumerate(every) if error]
-    if failed:
-        raise UsageError(f"rank {failed[0][0]}: {failed[0][1]}")
+    raise_first_error([error for error, _ in every])
     reference = every[0][1]
     differ = {r: [k for k in reference if facts.get(k) != reference[k]] for r, (_, facts) in enumerate(every)}
     differ = {r: keys for r, keys in differ.items() if keys}

@@ -215,8 +215,7 @@ def load_track(records_dir: Path, track: str) -> tuple[Path, str, dict]:
 def refuse_copies(results: list, records_dir: Path) -> None:
     """Refused where two logs print the same losses (one run under two names), or where a log under records_dir
     (any track, any file name) already holds a log's run (see verify.fingerprint)."""
-    held = verify.runs_held((p, p.read_text(encoding="utf-8", errors="replace"))
-                            for p in sorted(records_dir.rglob("*.txt")))
+    held = verify.runs_held(verify.logs_under(records_dir))
     earlier = {}
     for r in results:
         key = verify.fingerprint(r["parsed"])

@@ -741,10 +741,14 @@ def runs_held(logs) -> dict[tuple, list[Path]]:
     return held
 
 
+def logs_under(folder: Path) -> list[tuple[Path, str]]:
+    """(path, text) of each *.txt under folder, as it is now."""
+    return [(p, p.read_text(encoding="utf-8", errors="replace")) for p in sorted(folder.rglob("*.txt"))]
+
+
 def record_runs(root: Path = ROOT) -> dict[tuple, list[Path]]:
     """runs_held of the logs under root/records, as committed in HEAD and as present in the working tree."""
-    present = [(p, p.read_text(encoding="utf-8", errors="replace")) for p in sorted((root / "records").rglob("*.txt"))]
-    return runs_held([(root / path, text) for path, text in committed_logs(root)] + present)
+    return runs_held([(root / path, text) for path, text in committed_logs(root)] + logs_under(root / "records"))
 
 
 def held_elsewhere(held: dict[tuple, list[Path]], parsed: dict, path) -> Path | None:
@@ -880,13 +884,19 @@ def _rerun(path, parsed: dict, n_steps: int, device: str | None, threads: int | 
     return result["lines"], result["device"]
 
 
-def _compare(parsed: dict, lines: list[str], n_steps: int, tolerance: float | None, mode: str) -> dict:
-    """Every logged loss at steps <= n_steps against the reproduced line's: ok, message, compared, max_diff."""
+def _step_lines(lines: list[str]) -> dict[tuple[str, int], dict]:
+    """{(kind, step): the parsed step line} of the lines a reproduction printed."""
     got = {}
     for line in lines:
         with contextlib.suppress(ValueError):
             rec = parse_step_line(line)
             got[(rec["kind"], rec["step"])] = rec
+    return got
+
+
+def _compare(parsed: dict, lines: list[str], n_steps: int, tolerance: float | None, mode: str) -> dict:
+    """Every logged loss at steps <= n_steps against the reproduced line's: ok, message, compared, max_diff."""
+    got = _step_lines(lines)
     logged = [e for e in effective_steps(parsed) if e["step"] <= n_steps]
     extra = sorted(set(k for k in got if k[1] <= n_steps) - {(e["kind"], e["step"]) for e in logged})
     result = {"ok": False, "compared": 0, "max_diff": None}
@@ -917,12 +927,8 @@ def _compare_time(parsed: dict, lines: list[str], n_steps: int, why_not: str) ->
     """The logged train time at the last step <= n_steps that both printed against the reproduced one, as one
     phrase, and the reason to flag the log (or None): where the hardware is the same (why_not is empty) and the
     reproduction ran at least TIME_MIN_MS, a logged time more than TIME_NOISE below the reproduced one."""
-    got = {}
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            rec = parse_step_line(line)
-            got[(rec["kind"], rec["step"])] = rec["train_time_ms"]
-    pairs = [(e, got[(e["kind"], e["step"])]) for e in effective_steps(parsed)
+    got = _step_lines(lines)
+    pairs = [(e, got[(e["kind"], e["step"])]["train_time_ms"]) for e in effective_steps(parsed)
              if 0 < e["step"] <= n_steps and (e["kind"], e["step"]) in got]
     if not pairs:
         return None, None
