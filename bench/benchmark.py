@@ -127,6 +127,7 @@ ABLATIONS = {
     "with_bigram_embed": ["--ngram_embed", "2"],
     "with_ngram_embed": ["--ngram_embed", "4"],
     "with_value_embed": ["--value_embed", "True"],
+    "with_unet_skips": ["--unet_skips", "True"],
     # pieces tried and not adopted: the speedrun with one of them switched on
     "with_embed_shortcut": ["--embed_shortcut", "True"],
     "with_smear": ["--smear", "True"],
@@ -143,6 +144,7 @@ SETTING_ABLATIONS = {
     "previous_rates": dict(learning_rate=6e-3, muon_lr=0.05, embed_lr=0.0, head_lr=0.0),
     "four_heads": dict(n_head=4),
     "muon_lr_0.035": dict(muon_lr=0.035),
+    "four_layers": dict(n_layer=4),
 }
 
 SUITE_DEFAULTS = {

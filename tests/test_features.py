@@ -79,9 +79,10 @@ def test_embd_scale_widens_with_head_dim_a_multiple_of_8():
         assert new % heads == 0 and (new // heads) % 8 == 0 and abs(new - width * factor) <= heads * 4
 
 
-# --- optional model pieces: n-gram tables, the embedding shortcut, smear, value embeddings
+# --- optional model pieces: n-gram tables, the embedding shortcut, smear, value embeddings, U-net skips
 
-PIECES = [("ngram_embed", 2), ("ngram_embed", 4), ("embed_shortcut", True), ("smear", True), ("value_embed", True)]
+PIECES = [("ngram_embed", 2), ("ngram_embed", 4), ("embed_shortcut", True), ("smear", True), ("value_embed", True),
+          ("unet_skips", True)]
 
 
 @pytest.mark.parametrize("piece, value", PIECES)
@@ -156,6 +157,23 @@ def test_smear_adds_the_gated_previous_embedding_in_float64():
         gate = 0.7 / (1 + torch.exp(-(x[:, t, :12] @ smear.gate)))
         expected[:, t] += gate[:, None] * x[:, t - 1]
     assert torch.allclose(smear(x), expected, atol=1e-12, rtol=0)
+
+
+def test_unet_skips_hand_each_early_block_output_to_its_mirror_in_float64():
+    """Five blocks: block 0's output goes into block 4's input, block 1's into block 3's; the middle one has none."""
+    torch.manual_seed(0)
+    model = train_gpt.GPT(small_config(n_layer=5, unet_skips=True)).double()
+    with torch.no_grad():
+        model.skip_weights.copy_(torch.tensor([0.7, -0.4]))
+    idx = torch.randint(0, 64, (2, 16))
+    x, outputs = model.wte(idx), []
+    for i, block in enumerate(model.blocks):
+        if i >= 3:
+            x = x + model.skip_weights[4 - i] * outputs[4 - i]
+        x = block(x, model.rotary)
+        outputs.append(x)
+    assert model.skip_weights.shape == (2,)
+    torch.testing.assert_close(model.hidden(idx), x, atol=1e-12, rtol=0)
 
 
 # --- the head's loss, one block of the vocabulary at a time

@@ -120,7 +120,7 @@ def test_readme_check_commands_run_as_written(workdir, prefix):
 def test_three_processes_match_one_process(workdir):
     """With the optional model pieces on, which must work under torchrun like the rest."""
     pieces = ["--ngram_embed", "4", "--embed_shortcut", "True", "--smear", "True", "--value_embed", "True",
-              "--muon_momentum_warmup", "3"]
+              "--unet_skips", "True", "--muon_momentum_warmup", "3"]
     command = ["torchrun", "--standalone", "--nproc_per_node=3", "train_gpt.py", "--preset", "shakespeare_char",
                "--device", "cpu", *SHORT, *pieces, "--log_dir", str(workdir / "three")]
     out = finish(run(command, workdir))
@@ -162,7 +162,7 @@ def test_flops_per_token_matches_torch_flop_counter(mtp_steps, n_kv_head, tie, p
     cfg = train_gpt.GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64,
                               mtp_steps=mtp_steps, tie_embeddings=tie, pos_emb="learned" if tie else "rope",
                               ngram_embed=4 if pieces else 0, embed_shortcut=pieces, smear=pieces,
-                              value_embed=pieces)
+                              value_embed=pieces, unet_skips=pieces)
     model = train_gpt.GPT(cfg)
     x = torch.randint(0, 128, (2, 32))
     y = torch.randint(0, 128, (mtp_steps, 2, 32))
