@@ -144,7 +144,7 @@ SETTING_ABLATIONS = {
     "previous_rates": dict(learning_rate=6e-3, muon_lr=0.05, embed_lr=0.0, head_lr=0.0),
     "four_heads": dict(n_head=4),
     "muon_lr_0.035": dict(muon_lr=0.035),
-    "four_layers": dict(n_layer=4),
+    "eight_layers": dict(n_layer=8),
 }
 
 SUITE_DEFAULTS = {
