@@ -127,10 +127,10 @@ ABLATIONS = {
     "with_bigram_embed": ["--ngram_embed", "2"],
     "with_ngram_embed": ["--ngram_embed", "4"],
     "with_value_embed": ["--value_embed", "True"],
-    "with_unet_skips": ["--unet_skips", "True"],
     # pieces tried and not adopted: the speedrun with one of them switched on
     "with_embed_shortcut": ["--embed_shortcut", "True"],
     "with_smear": ["--smear", "True"],
+    "with_unet_skips": ["--unet_skips", "True"],
     "with_muon_momentum_warmup": ["--muon_momentum_warmup", "20"],
     "adam_beta1_0.6": ["--beta1", "0.6"],
 }
