@@ -221,7 +221,8 @@ PRESETS = {
         input_bin="data/shakespeare_gpt2/train_*.bin", input_val_bin="data/shakespeare_gpt2/val_*.bin",
         n_layer=4, n_head=4, n_embd=192, block_size=128, batch_size=16, grad_accum_steps=1, compile=True,
         max_iters=500, dropout=0.0, eval_interval=50, log_interval=10, val_tokens=65_536, target_val_loss=5.20,
-        recipes={"speedrun": dict(GPT2_124M["recipes"]["speedrun"], max_iters=130, eval_interval=10)}),
+        recipes={"speedrun": dict(GPT2_124M["recipes"]["speedrun"], max_iters=130, eval_interval=10,
+                                  value_embed=True)}),
     # GPT-2 small on FineWeb10B: the NanoGPT speedrun's track 1
     "gpt2_124m": GPT2_124M,
     # the same model on one GPU: smaller micro-batches, the first 1,048,576 val tokens
