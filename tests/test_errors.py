@@ -145,17 +145,18 @@ def test_resuming_a_finished_run_is_refused(finished_run):
     assert open(os.path.join(logs, f"{run_id}.txt")).read() == before
 
 
-def ctrl_c_as_in_a_terminal():
-    """In the child: SIGINT's default action, whatever the test runner inherited (a shell starts background jobs
-    with SIGINT ignored, and a child would inherit that)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def start_run_to_interrupt(args):
+    """train_gpt.py in a child with SIGINT's default action, whatever the test runner inherited (a shell starts
+    background jobs with SIGINT ignored, and a child would inherit that)."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_ctrl_c_names_the_step_and_how_to_resume(tmp_path, char_data):
     logs = str(tmp_path / "logs")
     args = tiny_args(char_data, logs, run_id="int", max_iters=100000, eval_interval=0, save_every=3)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=ctrl_c_as_in_a_terminal)
+    proc = start_run_to_interrupt(args)
     deadline = time.time() + 120
     while not glob.glob(os.path.join(logs, "int", "checkpoint_*.pt")) and time.time() < deadline:
         time.sleep(0.2)
@@ -172,8 +173,7 @@ def test_ctrl_c_names_the_step_and_how_to_resume(tmp_path, char_data):
 def test_ctrl_c_without_checkpoints_says_there_is_nothing_to_resume(tmp_path, char_data):
     logs = str(tmp_path / "logs")
     args = tiny_args(char_data, logs, run_id="int", max_iters=100000, eval_interval=0, log_interval=1)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=ctrl_c_as_in_a_terminal)
+    proc = start_run_to_interrupt(args)
     log, deadline = os.path.join(logs, "int.txt"), time.time() + 120
     while not (os.path.exists(log) and "step:2/" in open(log).read()) and time.time() < deadline:
         time.sleep(0.2)
