@@ -123,6 +123,8 @@ class Hyperparameters:
     smear: bool = model_flag(False, "a learned gate that adds the previous token's embedding to the current one")
     value_embed: bool = model_flag(False, "a zero-initialised table looked up by token, added to every layer's "
                                    "attention values with a learned per-layer weight")
+    value_gate: bool = model_flag(False, "with --value_embed: each layer scales the value embedding per key/value "
+                                  "head by a gate its input's first channels set (1 at first)")
     unet_skips: bool = model_flag(False, "add the output of each block in the first half to the input of its mirror "
                                   "in the second half (block i to block n_layer-1-i), with learned weights, 0 at first")
     mtp_weight: float = flag(0.1, "final weight of the mean auxiliary loss")
@@ -595,6 +597,8 @@ def validate_config(cfg):
     if cfg.ngram_embed and not 2 <= cfg.ngram_embed <= max(NGRAM_MAX_ROWS):
         raise UsageError(f"--ngram_embed {cfg.ngram_embed}: give 2 to {max(NGRAM_MAX_ROWS)} (tables for the n-grams "
                          "2..N), or 0 for none")
+    if cfg.value_gate and not cfg.value_embed:
+        raise UsageError("--value_gate True gates the value embedding: add --value_embed True, or drop --value_gate")
     if not 1 <= cfg.mtp_steps <= MAX_MTP_STEPS:
         raise UsageError(f"--mtp_steps must be 1 to {MAX_MTP_STEPS} (predict t+1..t+N), got {cfg.mtp_steps}")
     if cfg.mtp_weight < 0 or cfg.mtp_rampup_steps < 0 or cfg.muon_momentum_warmup < 0:
@@ -948,6 +952,10 @@ class Rotary(nn.Module):
 GQA_FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 
+# Channels of a token's vector that a gate reads (smear's, the value embedding's): a few suffice to tell tokens apart
+GATE_CHANNELS = 12
+
+
 class CausalSelfAttention(nn.Module):
     """Grouped-query attention: n_head query heads share n_kv_head key/value heads (n_kv_head == n_head is MHA)."""
 
@@ -959,6 +967,10 @@ class CausalSelfAttention(nn.Module):
         self.kv_proj = with_role(nn.Linear(cfg.n_embd, 2 * self.n_kv_head * self.head_dim, bias=cfg.bias), "matrix")
         self.c_proj = with_role(nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias), "matrix")
         self.qk_norm, self.dropout = cfg.qk_norm, cfg.dropout
+        # the value embedding's gate: (channels read, n_kv_head) kept flat, so it gets the vectors' Adam rate
+        self.gate_channels = min(GATE_CHANNELS, cfg.n_embd)
+        self.value_gate = (nn.Parameter(torch.zeros(self.gate_channels * self.n_kv_head))
+                           if cfg.value_embed and cfg.value_gate else None)
 
     def forward(self, x, rotary=None, value=None):
         """value: (B, T, n_kv_head * head_dim) added to the values (the value embedding), or None."""
@@ -966,7 +978,11 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, self.head_dim).unbind(dim=2)
         if value is not None:
-            v = v + value.view(B, T, self.n_kv_head, self.head_dim)
+            value = value.view(B, T, self.n_kv_head, self.head_dim)
+            if self.value_gate is not None:  # 2 sigmoid(0) = 1: the model starts as with the plain value embedding
+                gate = x[..., :self.gate_channels] @ self.value_gate.view(self.gate_channels, self.n_kv_head)
+                value = 2 * torch.sigmoid(gate).unsqueeze(-1) * value
+            v = v + value
         if self.qk_norm:
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rotary is not None:
@@ -1037,11 +1053,9 @@ class Smear(nn.Module):
     """Adds the previous token's embedding to each token's, through a gate that the token's first channels set:
     attention need not spend a head on the previous token. The weight starts at 0, so the model starts as without."""
 
-    GATE_CHANNELS = 12  # channels the gate reads: a few suffice to tell which tokens want their predecessor
-
     def __init__(self, cfg):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(min(self.GATE_CHANNELS, cfg.n_embd)))
+        self.gate = nn.Parameter(torch.zeros(min(GATE_CHANNELS, cfg.n_embd)))
         self.weight = nn.Parameter(torch.zeros(()))
 
     def forward(self, x):
@@ -1373,8 +1387,8 @@ def flops_per_token(model):
     """Training FLOPs per token of the matrix multiplications, which are nearly all of them: 6 per weight of every
     linear layer (2 forward, 4 backward), the output head once per predicted offset (MTP reuses it), and attention's
     score and value products (12 * n_layer * n_embd * block_size, the whole T x T square as the kernels compute it).
-    Embedding lookups (the n-gram tables' too), norms, the smear gate's 12 products and elementwise work are not
-    counted."""
+    Embedding lookups (the n-gram tables' too), norms, the smear and value gates' 12 products and elementwise work
+    are not counted."""
     cfg = model.cfg
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head)
     head = model.lm_head.weight.numel() * cfg.mtp_steps

@@ -127,6 +127,7 @@ ABLATIONS = {
     "with_bigram_embed": ["--ngram_embed", "2"],
     "with_ngram_embed": ["--ngram_embed", "4"],
     "with_value_embed": ["--value_embed", "True"],
+    "with_value_gate": ["--value_embed", "True", "--value_gate", "True"],
     # pieces tried and not adopted: the speedrun with one of them switched on
     "with_embed_shortcut": ["--embed_shortcut", "True"],
     "with_smear": ["--smear", "True"],

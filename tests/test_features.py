@@ -82,7 +82,8 @@ def test_embd_scale_widens_with_head_dim_a_multiple_of_8():
 # --- optional model pieces: n-gram tables, the embedding shortcut, smear, value embeddings, U-net skips
 
 PIECES = [("ngram_embed", 2), ("ngram_embed", 4), ("embed_shortcut", True), ("smear", True), ("value_embed", True),
-          ("unet_skips", True)]
+          ("value_gate", True), ("unet_skips", True)]
+NEEDS = {"value_gate": dict(value_embed=True)}  # a piece that works on another: both models have that one
 
 
 @pytest.mark.parametrize("piece, value", PIECES)
@@ -90,7 +91,8 @@ def test_a_piece_starts_as_the_model_without_it_then_learns(piece, value):
     """Zero-initialised: the same logits as the model without the piece (its shared weights copied), and after
     two Adam steps every parameter of the piece has moved (a weight whose partner is zero moves at the second)."""
     base = train_gpt.GPTConfig(vocab_size=64, real_vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=32,
-                               pos_emb="rope", norm="rms", zero_init=False, tie_embeddings=False)
+                               pos_emb="rope", norm="rms", zero_init=False, tie_embeddings=False,
+                               **NEEDS.get(piece, {}))
     plain, model = train_gpt.GPT(base), train_gpt.GPT(dataclasses.replace(base, **{piece: value}))
     missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert missing, piece

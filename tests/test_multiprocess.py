@@ -120,7 +120,7 @@ def test_readme_check_commands_run_as_written(workdir, prefix):
 def test_three_processes_match_one_process(workdir):
     """With the optional model pieces on, which must work under torchrun like the rest."""
     pieces = ["--ngram_embed", "4", "--embed_shortcut", "True", "--smear", "True", "--value_embed", "True",
-              "--unet_skips", "True", "--muon_momentum_warmup", "3"]
+              "--value_gate", "True", "--unet_skips", "True", "--muon_momentum_warmup", "3"]
     command = ["torchrun", "--standalone", "--nproc_per_node=3", "train_gpt.py", "--preset", "shakespeare_char",
                "--device", "cpu", *SHORT, *pieces, "--log_dir", str(workdir / "three")]
     out = finish(run(command, workdir))
@@ -196,6 +196,7 @@ def test_gpt2_124m_dress_rehearsal_on_cpu(tmp_path):
         "--compile", "True",
         "--precision", precision, "--n_kv_head", "4", "--mtp_steps", "2", "--log_dir", logs,
         "--ngram_embed", "4", "--embed_shortcut", "True", "--smear", "True", "--value_embed", "True",
+        "--value_gate", "True",
         "--input_bin", str(data / "train_000001.bin"), "--input_val_bin", str(data / "val_000000.bin")])
     rows = read_metrics(logs)
     assert result["steps"] == 5 and len([r for r in rows if "train_loss" in r]) == 5
