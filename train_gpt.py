@@ -968,8 +968,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = with_role(nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias), "matrix")
         self.qk_norm, self.dropout = cfg.qk_norm, cfg.dropout
         # the value embedding's gate: (channels read, n_kv_head) kept flat, so it gets the vectors' Adam rate
-        self.gate_channels = min(GATE_CHANNELS, cfg.n_embd)
-        self.value_gate = (nn.Parameter(torch.zeros(self.gate_channels * self.n_kv_head))
+        self.value_gate = (nn.Parameter(torch.zeros(min(GATE_CHANNELS, cfg.n_embd) * self.n_kv_head))
                            if cfg.value_embed and cfg.value_gate else None)
 
     def forward(self, x, rotary=None, value=None):
@@ -980,7 +979,8 @@ class CausalSelfAttention(nn.Module):
         if value is not None:
             value = value.view(B, T, self.n_kv_head, self.head_dim)
             if self.value_gate is not None:  # 2 sigmoid(0) = 1: the model starts as with the plain value embedding
-                gate = x[..., :self.gate_channels] @ self.value_gate.view(self.gate_channels, self.n_kv_head)
+                channels = self.value_gate.numel() // self.n_kv_head
+                gate = x[..., :channels] @ self.value_gate.view(channels, self.n_kv_head)
                 value = 2 * torch.sigmoid(gate).unsqueeze(-1) * value
             v = v + value
         if self.qk_norm:
