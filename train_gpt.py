@@ -134,6 +134,8 @@ class Hyperparameters:
     optimizer: str = flag("adamw", "adamw | adam | muon | adamsn | adafactor")
     batch_size: int = flag(12, "sequences per micro-batch per process (split further if the processes need it)")
     grad_accum_steps: int = flag(1, "micro-batches per optimizer step, summed over all processes")
+    half_batch_steps: int = flag(0, "the first N steps take half the batch: each process runs half of its "
+                                 "micro-batches, so it needs an even number of them (0: the whole batch throughout)")
     max_iters: int = flag(2000, "optimizer steps in the run")
     learning_rate: float = flag(1e-3, "Adam-family rate; also sets AdamSN/Adafactor weight decay")
     muon_lr: float = flag(0.05, "Muon learning rate for hidden matrices")
@@ -186,6 +188,10 @@ class Hyperparameters:
         """Tokens per optimizer step, all processes together."""
         return self.batch_size * self.grad_accum_steps * self.block_size
 
+    def tokens_after(self, steps):
+        """Tokens the first `steps` optimizer steps read, all processes together."""
+        return tokens_read(steps, self.tokens_per_step, self.half_batch_steps)
+
     @property
     def model_width(self):
         """The model's n_embd, after embd_scale."""
@@ -193,6 +199,13 @@ class Hyperparameters:
 
 
 FLAG_FIELDS = [f for f in dataclasses.fields(Hyperparameters) if "derived" not in f.metadata]
+
+
+def tokens_read(steps, tokens_per_step, half_batch_steps):
+    """Tokens read by the first `steps` steps of a run whose first half_batch_steps steps take half the batch; the
+    benchmark and the record plots count a log's tokens with it."""
+    half = min(steps, half_batch_steps)
+    return (steps - half) * tokens_per_step + half * (tokens_per_step // 2)
 
 # A preset is a model and its data; under "recipes", each recipe's own settings for it (records/<track>/README.md
 # and bench/README.md say where they come from).
@@ -496,6 +509,11 @@ def derive(cfg, world_size, given=()):
         micro, accum, note = fit_micro_batch(cfg, vocab_size, torch.cuda.get_device_properties(0).total_memory)
         cfg = dataclasses.replace(cfg, micro_batch_size=micro, accum_steps_per_rank=accum,
                                   notes=cfg.notes + ((f"batch: {note}",) if note else ()))
+    if cfg.half_batch_steps and cfg.accum_steps_per_rank % 2:
+        raise UsageError(f"--half_batch_steps {cfg.half_batch_steps} halves each process's micro-batches, but each "
+                         f"runs {cfg.accum_steps_per_rank} a step ({cfg.world_size} process(es), "
+                         f"{cfg.micro_batch_size} sequences each): double "
+                         "--grad_accum_steps and halve --batch_size, or give --half_batch_steps 0")
     return cfg
 
 
@@ -601,8 +619,9 @@ def validate_config(cfg):
         raise UsageError("--value_gate True gates the value embedding: add --value_embed True, or drop --value_gate")
     if not 1 <= cfg.mtp_steps <= MAX_MTP_STEPS:
         raise UsageError(f"--mtp_steps must be 1 to {MAX_MTP_STEPS} (predict t+1..t+N), got {cfg.mtp_steps}")
-    if cfg.mtp_weight < 0 or cfg.mtp_rampup_steps < 0 or cfg.muon_momentum_warmup < 0:
-        raise UsageError("--mtp_weight, --mtp_rampup_steps and --muon_momentum_warmup must be non-negative")
+    if min(cfg.mtp_weight, cfg.mtp_rampup_steps, cfg.muon_momentum_warmup, cfg.half_batch_steps) < 0:
+        raise UsageError("--mtp_weight, --mtp_rampup_steps, --muon_momentum_warmup and --half_batch_steps must be "
+                         "non-negative")
     if cfg.val_screen_tokens < 0 or cfg.val_screen_margin < 0:
         raise UsageError(f"--val_screen_tokens {cfg.val_screen_tokens} and --val_screen_margin "
                          f"{cfg.val_screen_margin} must be >= 0 (--val_screen_tokens 0: no screen)")
@@ -1374,8 +1393,10 @@ def available_ram():
 
 
 def describe_batch(cfg):
+    half = f"; the first {cfg.half_batch_steps} steps half of it" if cfg.half_batch_steps else ""
     return (f"batch: {cfg.tokens_per_step:,} tokens per step = {cfg.world_size} process(es) x "
-            f"{cfg.accum_steps_per_rank} micro-batch(es) x {cfg.micro_batch_size} sequences x {cfg.block_size} tokens")
+            f"{cfg.accum_steps_per_rank} micro-batch(es) x {cfg.micro_batch_size} sequences x {cfg.block_size} "
+            f"tokens{half}")
 
 
 def describe_model(gcfg):
@@ -1786,9 +1807,9 @@ class Trainer:
         self.meta = load_meta(cfg.input_bin)
         check_same_tokenizer(cfg.input_bin, cfg.input_val_bin, self.meta)
         self.train_tokens = check_shards(train_files, self.meta["vocab_size"], 1)
-        self.data_passes = cfg.max_iters * cfg.tokens_per_step / self.train_tokens
+        self.data_passes = cfg.tokens_after(cfg.max_iters) / self.train_tokens
         if cfg.max_data_passes and self.data_passes > cfg.max_data_passes:
-            raise UsageError(f"--max_iters {cfg.max_iters} reads {cfg.max_iters * cfg.tokens_per_step:,} tokens, "
+            raise UsageError(f"--max_iters {cfg.max_iters} reads {cfg.tokens_after(cfg.max_iters):,} tokens, "
                              f"{self.data_passes:.2f} passes over the {len(train_files)} training shard(s) "
                              f"({self.train_tokens:,} tokens) where --max_data_passes allows {cfg.max_data_passes:g}: "
                              f"fetch more shards (python data/cached_fineweb10B.py --preset {cfg.preset or 'PRESET'} "
@@ -1891,7 +1912,7 @@ class Trainer:
                     group["momentum"] = muon_momentum_at(step, self.cfg)
         self.raw_model.mtp_weight.fill_(mtp_weight_at(step, self.cfg))
         self.model.train()
-        accum = self.cfg.accum_steps_per_rank
+        accum = self.cfg.accum_steps_per_rank // (2 if step < self.cfg.half_batch_steps else 1)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
             x, y = self.train_loader.next_batch()
@@ -2048,12 +2069,14 @@ class Trainer:
         elapsed = self.clock.ms()
         if self.world_size > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        steps, start_ms = self.step - self.session_start[0], self.session_start[1]
-        tok_s = cfg.tokens_per_step * steps / (elapsed - start_ms) * 1000 if elapsed > start_ms else float("nan")
+        start_step, start_ms = self.session_start
+        tokens = cfg.tokens_after(self.step)
+        tok_s = (tokens - cfg.tokens_after(start_step)) / (elapsed - start_ms) * 1000 if elapsed > start_ms \
+            else float("nan")
         mfu = 100 * self.flops_per_token * tok_s / (self.peak * self.world_size) if self.peak else None
         loss = loss.item()
         values = dict(train_loss=loss, grad_norm=grad_norm.item(), lr=self.optimizers[0].param_groups[0]["lr"],
-                      tokens=self.step * cfg.tokens_per_step, tokens_per_s=tok_s, mfu=mfu,
+                      tokens=tokens, tokens_per_s=tok_s, mfu=mfu,
                       mtp_weight=mtp_weight_at(self.step - 1, cfg) if cfg.mtp_steps > 1 else None,
                       grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None)
         self.report(values)
@@ -2430,7 +2453,7 @@ def check_main(cfg, rank, local_rank):
         say(f"check: device {device}{memory}{ranks}")
     say(f"check: training data {cfg.input_bin}: {len(trainer.train_loader.files)} shard(s), "
         f"{trainer.train_tokens:,} tokens; max_iters {cfg.max_iters} reads "
-        f"{cfg.max_iters * cfg.tokens_per_step:,} ({trainer.data_passes:.2f} passes)")
+        f"{cfg.tokens_after(cfg.max_iters):,} ({trainer.data_passes:.2f} passes)")
     screen = f", a screen of {trainer.screen_tokens:,} first" if trainer.screen_tokens else ""
     say(f"check: validation data {cfg.input_val_bin}: {trainer.val_set.n_tokens:,} tokens evaluated{screen}")
     say(f"check: {describe_batch(cfg)}")

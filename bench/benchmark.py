@@ -133,6 +133,8 @@ ABLATIONS = {
     "with_smear": ["--smear", "True"],
     "with_unet_skips": ["--unet_skips", "True"],
     "with_muon_momentum_warmup": ["--muon_momentum_warmup", "20"],
+    # shakespeare_gpt2's batch of 16 sequences as two micro-batches of 8, the first 40 steps on one of them
+    "with_half_batch": ["--batch_size", "8", "--grad_accum_steps", "2", "--half_batch_steps", "40"],
     "adam_beta1_0.6": ["--beta1", "0.6"],
 }
 
@@ -227,7 +229,8 @@ def parse_run(log_path, metrics_path):
     header = {}
     for match in filter(None, map(LOG["header"].match, body)):
         header.setdefault(match.group(1), match.group(2) or "")
-    out = {key: int(header[key]) if header.get(key, "").isdigit() else None for key in ("params", "tokens_per_step")}
+    keys = ("params", "tokens_per_step", "half_batch_steps")
+    out = {key: int(header[key]) if header.get(key, "").isdigit() else None for key in keys}
     state = next(filter(None, map(LOG["optimizer_state"].match, body)), None)
     out["state_bytes"] = int(state.group(2).replace(",", "")) if state else None
     out["state_ratio"] = float(state.group(3)) if state else None
@@ -238,7 +241,8 @@ def parse_run(log_path, metrics_path):
     out["reached"] = bool(reached)
     out["reached_step"] = int(reached.group(2)) if reached else None
     out["reached_time_s"] = int(reached.group(3)) / 1000 if reached else None
-    out["reached_tokens"] = out["reached_step"] * out["tokens_per_step"] \
+    out["reached_tokens"] = train_gpt.tokens_read(out["reached_step"], out["tokens_per_step"],
+                                                  out["half_batch_steps"] or 0) \
         if reached and out["tokens_per_step"] else None
 
     with open(metrics_path) as f:

@@ -2,7 +2,7 @@
 """Plot validation loss curves from train_gpt.py run logs.
 
 Two panels: val loss against train time (minutes) and against training tokens
-(step * tokens_per_step from each log's header). One curve per log, labelled
+(counted from each log's header: tokens_per_step and half_batch_steps). One curve per log, labelled
 by file name; the target val loss is drawn as a dashed horizontal line.
 --group_by KEY (a header key such as recipe) gives the logs that share its
 value one colour and one legend entry, e.g. three seeds of each recipe.
@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from verify import parse_log, header_float  # noqa: E402
-from train_gpt import OneLineParser, atomic_write  # noqa: E402  (verify puts the root on the path)
+from verify import parse_log, header_float, header_int  # noqa: E402
+from train_gpt import OneLineParser, atomic_write, tokens_read  # noqa: E402  (verify puts the root on the path)
 from bench.cli import run_tool  # noqa: E402
 
 
@@ -47,6 +47,7 @@ def load_curve(path) -> dict:
         raise PlotError(f"{path}: unparseable tokens_per_step header value {tps!r}")
     if tokens_per_step is None:
         raise PlotError(f"{path}: no 'tokens_per_step:' header line")
+    half_batch_steps = header_int(header, "half_batch_steps") or 0  # logs from before the flag have none
 
     def finite(x):
         return x if math.isfinite(x) else float("nan")
@@ -55,7 +56,7 @@ def load_curve(path) -> dict:
         "path": path,
         "steps": [v["step"] for v in val],
         "minutes": [v["train_time_ms"] / 60000.0 for v in val],
-        "tokens": [v["step"] * tokens_per_step for v in val],
+        "tokens": [tokens_read(v["step"], tokens_per_step, half_batch_steps) for v in val],
         "val_loss": [finite(v["loss"]) for v in val],
         "target": header_float(header, "target_val_loss"),
         "header": header,

@@ -211,6 +211,9 @@ def test_nanogpt_cpu_command_line_parses():
     (["--learning_rate", "-1"], 1, "--learning_rate must be positive"),
     (["--adafactor_lr", "0"], 1, "--adafactor_lr must be positive"),
     (["--val_screen_tokens", "-64"], 1, "--val_screen_tokens -64 and --val_screen_margin 0.06 must be >= 0"),
+    (["--half_batch_steps", "-1"], 1, "--half_batch_steps must be non-negative"),
+    (["--half_batch_steps", "5", "--grad_accum_steps", "2"], 2, "--half_batch_steps 5 halves each process's "
+     r"micro-batches, but each runs 1 a step .*: double --grad_accum_steps and halve --batch_size"),
 ])
 def test_impossible_combinations_fail_with_one_line(argv, world_size, message):
     with pytest.raises(train_gpt.UsageError, match=message):
@@ -293,13 +296,14 @@ def test_run_stops_when_target_is_reached(tmp_path, char_data):
 
 
 @pytest.mark.parametrize("recipe, features", [
-    ("speedrun", dict(n_kv_head=1, mtp_enabled=True, mtp_max_steps=3, mtp_rampup_steps=4)),  # Muon, GQA, MTP
+    ("speedrun", dict(n_kv_head=1, mtp_enabled=True, mtp_max_steps=3, mtp_rampup_steps=4,  # Muon, GQA, MTP,
+                      grad_accum_steps=4, half_batch_steps=3)),  # one micro-batch a process, then two
     ("classic", dict(optimizer="adamsn"))])
 def test_two_process_torchrun_matches_one_process(tmp_path, char_data, recipe, features):
-    """2 Gloo processes with one micro-batch each == 1 process accumulating two micro-batches."""
+    """2 Gloo processes with one micro-batch each (or two) == 1 process accumulating two micro-batches (or four)."""
     common = dict(max_iters=8, eval_interval=4, grad_accum_steps=2, dropout=0.0, timing_warmup_steps=0,
-                  recipe=recipe, warmup_iters=2, warmdown_iters=2, target_val_loss=0.5, val_screen_tokens=128,
-                  **features)  # a target too low to reach: validations before the last stop at their screen
+                  recipe=recipe, warmup_iters=2, warmdown_iters=2, target_val_loss=0.5, val_screen_tokens=128)
+    common.update(features)  # a target too low to reach: validations before the last stop at their screen
     one = str(tmp_path / "one")
     train_gpt.main(tiny_args(char_data, one, **common))
     two = str(tmp_path / "two")
@@ -314,6 +318,21 @@ def test_two_process_torchrun_matches_one_process(tmp_path, char_data, recipe, f
     for ra, rb in zip(a, b):
         key = "val_loss" if "val_loss" in ra else "train_loss"
         assert abs(ra[key] - rb[key]) < 1e-5, (ra, rb)
+
+
+def test_the_first_half_batch_steps_are_the_steps_of_half_the_batch(tmp_path, char_data):
+    """With two micro-batches a step, the first half_batch_steps steps train as a run of one micro-batch a step:
+    the same losses, and half the tokens counted."""
+    common = dict(max_iters=4, eval_interval=0, timing_warmup_steps=0, warmup_iters=1, warmdown_iters=2)
+    half, one = str(tmp_path / "half"), str(tmp_path / "one")
+    train_gpt.main(tiny_args(char_data, half, grad_accum_steps=2, half_batch_steps=2, **common))
+    train_gpt.main(tiny_args(char_data, one, grad_accum_steps=1, **common))
+    a, b = ([r for r in read_metrics(logs) if "train_loss" in r] for logs in (half, one))
+    assert [r["train_loss"] for r in a[:2]] == [r["train_loss"] for r in b[:2]]
+    assert abs(a[2]["train_loss"] - b[2]["train_loss"]) > 1e-4  # then two micro-batches a step
+    sequence = 16  # tiny_args' block_size; 4 sequences a micro-batch
+    assert [r["tokens"] for r in a] == [4 * sequence, 8 * sequence, 16 * sequence, 24 * sequence]
+    assert "the first 2 steps half of it" in run_log_text(half)
 
 
 # --- short runs: a schedule the user did not give adapts, one the user gave is kept or refused
