@@ -122,7 +122,9 @@ ABLATIONS = {
     "cosine_schedule": ["--schedule", "cosine"],
     "no_ngram_embed": ["--ngram_embed", "0"],
     "bigram_only": ["--ngram_embed", "2"],
-    "no_value_embed": ["--value_embed", "False"],
+    "no_value_embed": ["--value_embed", "False", "--value_gate", "False"],
+    "no_value_gate": ["--value_gate", "False"],
+    "no_half_batch": ["--half_batch_steps", "0"],
     # pieces off in a speedrun's settings, switched on
     "with_bigram_embed": ["--ngram_embed", "2"],
     "with_ngram_embed": ["--ngram_embed", "4"],
@@ -133,9 +135,8 @@ ABLATIONS = {
     "with_smear": ["--smear", "True"],
     "with_unet_skips": ["--unet_skips", "True"],
     "with_muon_momentum_warmup": ["--muon_momentum_warmup", "20"],
-    # shakespeare_gpt2's batch of 16 sequences as two micro-batches of 8, the first 40 steps on one of them
-    "with_half_batch": ["--batch_size", "8", "--grad_accum_steps", "2", "--half_batch_steps", "40"],
     "adam_beta1_0.6": ["--beta1", "0.6"],
+    "adam_beta1_0.9": ["--beta1", "0.9"],
 }
 
 # speedrun settings that ablation rows put back, one row each: to the preset's or the default (the preset's batch
