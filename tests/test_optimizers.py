@@ -536,8 +536,8 @@ def test_muon_momentum_rises_over_its_warmup_and_the_trainer_sets_it_each_step(t
 
 
 def test_every_124m_preset_gets_the_one_table_of_124m_rates():
-    rates = ("muon_lr", "embed_lr", "head_lr", "learning_rate")
+    rates = ("muon_lr", "embed_lr", "head_lr", "learning_rate", "beta1")
     for preset in ("gpt2_124m", "bottlecap"):
         cfg = train_gpt.resolve_config(["--preset", preset, "--device", "cpu", "--run_id", "rates"])
         assert {k: getattr(cfg, k) for k in rates} == dict(muon_lr=0.04, embed_lr=0.6, head_lr=0.008,
-                                                           learning_rate=0.04), preset
+                                                           learning_rate=0.04, beta1=0.8), preset
