@@ -623,9 +623,9 @@ def validate_config(cfg):
         raise UsageError("--value_gate True gates the value embedding: add --value_embed True, or drop --value_gate")
     if not 1 <= cfg.mtp_steps <= MAX_MTP_STEPS:
         raise UsageError(f"--mtp_steps must be 1 to {MAX_MTP_STEPS} (predict t+1..t+N), got {cfg.mtp_steps}")
-    if min(cfg.mtp_weight, cfg.mtp_rampup_steps, cfg.muon_momentum_warmup, cfg.half_batch_steps) < 0:
-        raise UsageError("--mtp_weight, --mtp_rampup_steps, --muon_momentum_warmup and --half_batch_steps must be "
-                         "non-negative")
+    for name in ("mtp_weight", "mtp_rampup_steps", "muon_momentum_warmup", "half_batch_steps"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name} must be non-negative, got {getattr(cfg, name)}")
     if cfg.val_screen_tokens < 0 or cfg.val_screen_margin < 0:
         raise UsageError(f"--val_screen_tokens {cfg.val_screen_tokens} and --val_screen_margin "
                          f"{cfg.val_screen_margin} must be >= 0 (--val_screen_tokens 0: no screen)")
