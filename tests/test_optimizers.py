@@ -535,9 +535,9 @@ def test_muon_momentum_rises_over_its_warmup_and_the_trainer_sets_it_each_step(t
         assert muon.param_groups[0]["momentum"] == pytest.approx(expected[step], abs=1e-15)
 
 
-def test_every_124m_preset_gets_the_one_table_of_124m_rates():
-    rates = ("muon_lr", "embed_lr", "head_lr", "learning_rate", "beta1")
-    for preset in ("gpt2_124m", "bottlecap"):
+def test_every_124m_preset_gets_the_one_table_of_124m_speedrun_settings():
+    expected = dict(muon_lr=0.04, embed_lr=0.6, head_lr=0.008, learning_rate=0.04, beta1=0.8, value_embed=True,
+                    value_gate=True)
+    for preset in ("gpt2_124m", "bottlecap", "shakespeare_gpt2"):
         cfg = train_gpt.resolve_config(["--preset", preset, "--device", "cpu", "--run_id", "rates"])
-        assert {k: getattr(cfg, k) for k in rates} == dict(muon_lr=0.04, embed_lr=0.6, head_lr=0.008,
-                                                           learning_rate=0.04, beta1=0.8), preset
+        assert {k: getattr(cfg, k) for k in expected} == expected, preset
