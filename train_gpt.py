@@ -123,6 +123,8 @@ class Hyperparameters:
     smear: bool = model_flag(False, "a learned gate that adds the previous token's embedding to the current one")
     value_embed: bool = model_flag(False, "a zero-initialised table looked up by token, added to every layer's "
                                    "attention values with a learned per-layer weight")
+    value_tables: int = model_flag(1, "with --value_embed: how many tables; block i and its mirror n_layer-1-i "
+                                   "read table min(i, n_layer-1-i) mod value_tables")
     value_gate: bool = model_flag(False, "with --value_embed: each layer scales the value embedding per key/value "
                                   "head by a gate its input's first channels set (1 at first)")
     unet_skips: bool = model_flag(False, "add the output of each block in the first half to the input of its mirror "
@@ -623,6 +625,10 @@ def validate_config(cfg):
                          "2..N), or 0 for none")
     if cfg.value_gate and not cfg.value_embed:
         raise UsageError("--value_gate True gates the value embedding: add --value_embed True, or drop --value_gate")
+    mirrored_layers = (cfg.n_layer + 1) // 2  # more tables than this would go unread
+    if not 1 <= cfg.value_tables <= mirrored_layers or (cfg.value_tables > 1 and not cfg.value_embed):
+        raise UsageError(f"--value_tables {cfg.value_tables}: give 1 to {mirrored_layers} (half of --n_layer "
+                         f"{cfg.n_layer}, rounded up) together with --value_embed True")
     if not 1 <= cfg.mtp_steps <= MAX_MTP_STEPS:
         raise UsageError(f"--mtp_steps must be 1 to {MAX_MTP_STEPS} (predict t+1..t+N), got {cfg.mtp_steps}")
     for name in ("mtp_weight", "mtp_rampup_steps", "muon_momentum_warmup", "half_batch_steps"):
@@ -1193,11 +1199,13 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ngrams = nn.ModuleList(NgramEmbedding(cfg, n) for n in range(2, cfg.ngram_embed + 1))
         self.smear = Smear(cfg) if cfg.smear else None
-        # The value embedding: what a token contributes to attention read from a table (shared by the layers, each
-        # with its own weight) besides what the residual stream carries. Zero at first, like the n-gram tables.
+        # The value embedding: what a token contributes to attention read from a table (each shared by a block
+        # and its mirror, or by all; each block with its own weight) besides what the residual stream carries.
+        # Zero at first, like the n-gram tables.
         attn = self.blocks[0].attn  # the values' width: its key/value heads times their size
-        self.value_table = (with_role(nn.Embedding(cfg.vocab_size, attn.n_kv_head * attn.head_dim), "embedding")
-                            if cfg.value_embed else None)
+        self.value_tables = nn.ModuleList(
+            with_role(nn.Embedding(cfg.vocab_size, attn.n_kv_head * attn.head_dim), "embedding")
+            for _ in range(cfg.value_tables if cfg.value_embed else 0))
         # Per-layer weights of what is added to each block's input: the n-gram tables' (first layer 1, others 0
         # until they learn otherwise) and the token embedding's with the stream's own (1 and 0: a plain stream).
         layer = torch.arange(cfg.n_layer)
@@ -1222,9 +1230,8 @@ class GPT(nn.Module):
     def init_weights(self):
         cfg = self.cfg
         self.apply(self._init_weights)
-        for table in [ngram.table for ngram in self.ngrams] + [self.value_table]:
-            if table is not None:
-                nn.init.zeros_(table.weight)
+        for table in [ngram.table for ngram in self.ngrams] + list(self.value_tables):
+            nn.init.zeros_(table.weight)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: two residual additions per layer
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -1265,7 +1272,7 @@ class GPT(nn.Module):
             x = self.smear(x)
         x = x0 = self.drop(x)
         ngrams = sum(ngram(idx) for ngram in self.ngrams) if self.ngrams else None
-        values = self.value_table(idx) if self.value_table is not None else None
+        values = [table(idx) for table in self.value_tables]
         skips, n_skips = [], len(self.skip_weights) if self.skip_weights is not None else 0
         for i, block in enumerate(self.blocks):
             if self.stream_weights is not None:
@@ -1275,7 +1282,8 @@ class GPT(nn.Module):
             mirror = len(self.blocks) - 1 - i
             if mirror < n_skips:  # a late block: its mirror's output, the last one kept
                 x = x + self.skip_weights[mirror] * skips.pop()
-            x = block(x, self.rotary, self.value_weights[i] * values if values is not None else None)
+            value = self.value_weights[i] * values[min(i, mirror) % len(values)] if values else None
+            x = block(x, self.rotary, value)
             if i < n_skips:
                 skips.append(x)
         return x

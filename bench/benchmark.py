@@ -130,6 +130,7 @@ ABLATIONS = {
     "with_ngram_embed": ["--ngram_embed", "4"],
     "with_value_embed": ["--value_embed", "True"],
     "with_value_gate": ["--value_embed", "True", "--value_gate", "True"],
+    "with_two_value_tables": ["--value_tables", "2"],
     # pieces tried and not adopted: the speedrun with one of them switched on
     "with_embed_shortcut": ["--embed_shortcut", "True"],
     "with_smear": ["--smear", "True"],
@@ -141,7 +142,8 @@ ABLATIONS = {
 
 # speedrun settings that ablation rows put back, one row each: to the preset's or the default (the preset's batch
 # runs the same tokens: 4x the steps), or to earlier speedrun settings: the rates the batch-48 speedrun had before
-# its rates were swept (one Adam-family rate for embedding, head and gains), and Muon's rate before the n-gram tables
+# its rates were swept (one Adam-family rate for embedding, head and gains), and Muon's rate before the n-gram tables;
+# or to settings tried and not adopted (a deeper model, the public GPT-2 speedrun's larger soft-cap)
 SETTING_ABLATIONS = {
     "preset_batch": dict(batch_size=12),
     "no_compile": dict(compile=False),
@@ -149,6 +151,7 @@ SETTING_ABLATIONS = {
     "four_heads": dict(n_head=4),
     "muon_lr_0.035": dict(muon_lr=0.035),
     "eight_layers": dict(n_layer=8),
+    "softcap_30": dict(logit_softcap=30.0),
 }
 
 SUITE_DEFAULTS = {

@@ -82,8 +82,8 @@ def test_embd_scale_widens_with_head_dim_a_multiple_of_8():
 # --- optional model pieces: n-gram tables, the embedding shortcut, smear, value embeddings, U-net skips
 
 PIECES = [("ngram_embed", 2), ("ngram_embed", 4), ("embed_shortcut", True), ("smear", True), ("value_embed", True),
-          ("value_gate", True), ("unet_skips", True)]
-NEEDS = {"value_gate": dict(value_embed=True)}  # a piece that works on another: both models have that one
+          ("value_gate", True), ("value_tables", 2), ("unet_skips", True)]
+NEEDS = {"value_gate": dict(value_embed=True), "value_tables": dict(value_embed=True)}  # a piece that works on another: both models have that one
 
 
 @pytest.mark.parametrize("piece, value", PIECES)
@@ -145,7 +145,22 @@ def test_a_value_embedding_is_added_to_the_values_of_each_kv_head():
     x = torch.randn(3, 10, 32, dtype=torch.float64)
     torch.testing.assert_close(plain(x, value=value.expand(3, 10, 16)), biased(x), atol=1e-12, rtol=0)
     model = train_gpt.GPT(small_config(n_kv_head=2, value_embed=True))
-    assert model.value_table.weight.shape == (64, 16) and model.value_weights.shape == (2,)
+    assert [t.weight.shape for t in model.value_tables] == [(64, 16)] and model.value_weights.shape == (2,)
+
+
+def test_value_tables_are_shared_by_each_block_and_its_mirror_in_float64():
+    """Five blocks, two tables: blocks 0 and 4 read table 0, blocks 1 and 3 table 1, the middle block table 0."""
+    torch.manual_seed(0)
+    model = train_gpt.GPT(small_config(n_layer=5, value_embed=True, value_tables=2)).double()
+    with torch.no_grad():
+        for table in model.value_tables:
+            table.weight.normal_()
+        model.value_weights.copy_(torch.tensor([0.5, -1.0, 2.0, 0.3, 1.5]))
+    idx = torch.randint(0, 64, (2, 16))
+    x = model.wte(idx)
+    for i, block in enumerate(model.blocks):
+        x = block(x, model.rotary, model.value_weights[i] * model.value_tables[[0, 1, 0, 1, 0][i]](idx))
+    torch.testing.assert_close(model.hidden(idx), x, atol=1e-12, rtol=0)
 
 
 def test_smear_adds_the_gated_previous_embedding_in_float64():
@@ -326,9 +341,11 @@ def test_mixed_precision_runs_keep_fp32_weights(tmp_path, char_data, precision):
 # --- torch.compile
 
 def test_compiled_model_matches_eager():
+    """With GQA, MTP and the optional pieces on (two value tables need four blocks)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = train_gpt.GPT(small_config(n_kv_head=2, mtp_steps=2))
+    model = train_gpt.GPT(small_config(n_kv_head=2, mtp_steps=2, n_layer=4, ngram_embed=3, smear=True,
+                                       value_embed=True, value_gate=True, value_tables=2, unet_skips=True))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 2, 16))

@@ -496,7 +496,7 @@ def test_gated_step_is_the_plain_step_or_no_change_without_copying_state(make, m
                                    ["--recipe", "speedrun", "--optimizer", "adamsn", "--bias", "True"],
                                    ["--recipe", "speedrun", "--ngram_embed", "4", "--embed_shortcut", "True",
                                     "--smear", "True", "--value_embed", "True", "--value_gate", "True",
-                                    "--n_kv_head", "2"]])
+                                    "--value_tables", "2", "--n_kv_head", "2"]])
 def test_every_parameter_is_in_exactly_one_optimizer_group(flags):
     cfg = train_gpt.resolve_config(["--device", "cpu", "--run_id", "roles", *flags])
     model = train_gpt.GPT(train_gpt.gpt_config(cfg, 65))
