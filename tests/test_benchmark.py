@@ -106,6 +106,21 @@ def test_optimizers_sweep_picks_the_best_rate_and_reuses_the_run_it_already_made
     assert all("--adafactor_lr" in f and "--learning_rate" in f for f in adafactor_flags)
 
 
+def test_every_ablation_row_is_a_configuration_train_gpt_accepts():
+    """Each row's flags (or changed settings) on the speedrun settings of the BPE and char presets: a typo in a row
+    would otherwise surface only when a benchmark reaches it, an hour in."""
+    bench = load_bench()
+    import train_gpt
+    for preset in ("shakespeare_char", "shakespeare_gpt2"):
+        settings = bench.speedrun_settings(preset)
+        rows = {**{name: bench.settings_flags(settings) + flags for name, flags in bench.ABLATIONS.items()},
+                **{name: bench.settings_flags({**settings, **changed})
+                   for name, changed in bench.SETTING_ABLATIONS.items()}}
+        for name, flags in rows.items():
+            cfg = train_gpt.resolve_config(["--preset", preset, "--device", "cpu", "--run_id", "ablation", *flags])
+            assert cfg.recipe == "speedrun", name
+
+
 def test_speedrun_settings_become_flags_and_the_speedrun_runs_on_its_own_budget(tmp_path):
     bench = load_bench()
     flags = bench.settings_flags(dict(batch_size=48, max_iters=160, compile=True, learning_rate=6e-3, muon_lr=0.05))
