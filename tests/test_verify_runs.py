@@ -401,13 +401,15 @@ def forged_times(log, directory, scale):
 
 def test_reproduce_flags_train_times_far_below_the_reproduction(fresh_log, tmp_path, monkeypatch, capsys):
     """On the same hardware a log whose train times are a tenth of the real ones (metrics.jsonl and step_avg to
-    match) verifies, but its reproduction flags them and fails; the honest log is not flagged. Under TIME_MIN_MS of
-    reproduced time the times are shown but not judged."""
+    match) verifies, but its reproduction flags them and fails; the honest log is flagged only against a reproduction
+    more than TIME_NOISE slower. Under TIME_MIN_MS of reproduced time the times are shown but not judged (the limit
+    set here: a tiny run's times vary too much)."""
     forged = forged_times(fresh_log, tmp_path / "forged", 0.1)
     r = verify.verify_log(forged)
     assert r["ok"] and r["metrics"], r["reason"]
     flags = ["--no-stats", "--reproduce", "20", "--run-unknown-code"]
-    assert verify.main(flags + [str(forged)]) == 0  # this tiny run's time is far below TIME_MIN_MS
+    monkeypatch.setattr(verify, "TIME_MIN_MS", 10 ** 9)  # more than any reproduction here, however busy the machine
+    assert verify.main(flags + [str(forged)]) == 0
     out = capsys.readouterr().out
     shown = re.escape(str(forged))
     assert re.search(rf"time {shown}: logged \d+ms at step:20, reproduced \d+ms \(\d+\.\d\dx\); not judged: the "
@@ -418,9 +420,14 @@ def test_reproduce_flags_train_times_far_below_the_reproduction(fresh_log, tmp_p
     assert "REPRODUCED" in out and re.search(rf"FLAG {shown}: the logged train time is \d+% below the reproduction "
                                              rf"on the same hardware, more than the {verify.TIME_NOISE:.0%} noise "
                                              "allowed", out), out
-    assert verify.main(flags + [str(fresh_log)]) == 0
-    out = capsys.readouterr().out
-    assert f"time {fresh_log}: logged" in out and "FLAG" not in out, out
+    # The honest log against reproductions that took as long or longer, within the noise and beyond it (this tiny
+    # run's own reproduction can take several times as long on a machine busy for a moment).
+    parsed = verify.parse_log(fresh_log.read_text())
+    for scale, flagged in [(1.0, False), (1 / (1 - verify.TIME_NOISE / 2), False),
+                           (1 / (1 - verify.TIME_NOISE * 1.5), True)]:
+        reproduction = forged_times(fresh_log, tmp_path / f"reproduced_{scale:.2f}", scale).read_text().split("\n")
+        phrase, flag = verify._compare_time(parsed, reproduction, 20, "")
+        assert phrase.startswith("logged ") and (flag is not None) == flagged, (scale, phrase, flag)
 
 
 def test_a_screened_validation_is_never_the_best(tmp_path):
