@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from conftest import ROOT, make_char_data
 
@@ -107,17 +108,18 @@ def test_optimizers_sweep_picks_the_best_rate_and_reuses_the_run_it_already_made
 
 
 def test_every_ablation_row_is_a_configuration_train_gpt_accepts():
-    """Each row's flags (or changed settings) on the speedrun settings of the BPE and char presets: a typo in a row
-    would otherwise surface only when a benchmark reaches it, an hour in."""
+    """Each row as the benchmark builds it (ablation_configs) on the speedrun settings of the BPE and char presets:
+    a typo in a row would otherwise surface only when a benchmark reaches it, an hour in."""
     bench = load_bench()
     import train_gpt
     for preset in ("shakespeare_char", "shakespeare_gpt2"):
-        settings = bench.speedrun_settings(preset)
-        rows = {**{name: bench.settings_flags(settings) + flags for name, flags in bench.ABLATIONS.items()},
-                **{name: bench.settings_flags({**settings, **changed})
-                   for name, changed in bench.SETTING_ABLATIONS.items()}}
-        for name, flags in rows.items():
-            cfg = train_gpt.resolve_config(["--preset", preset, "--device", "cpu", "--run_id", "ablation", *flags])
+        args = SimpleNamespace(settings=bench.speedrun_settings(preset), speedrun_steps=0,
+                               only=list(bench.ABLATIONS) + list(bench.SETTING_ABLATIONS))
+        configs = bench.ablation_configs(args)
+        assert len(configs) == len(args.only)
+        for name, flags, _, steps in configs:
+            cfg = train_gpt.resolve_config(["--preset", preset, "--device", "cpu", "--run_id", "ablation", *flags,
+                                            "--max_iters", str(steps)])
             assert cfg.recipe == "speedrun", name
 
 

@@ -83,7 +83,8 @@ def test_embd_scale_widens_with_head_dim_a_multiple_of_8():
 
 PIECES = [("ngram_embed", 2), ("ngram_embed", 4), ("embed_shortcut", True), ("smear", True), ("value_embed", True),
           ("value_gate", True), ("value_tables", 2), ("unet_skips", True)]
-NEEDS = {"value_gate": dict(value_embed=True), "value_tables": dict(value_embed=True)}  # a piece that works on another: both models have that one
+# a piece that works on another: both models have that one
+NEEDS = {"value_gate": dict(value_embed=True), "value_tables": dict(value_embed=True)}
 
 
 @pytest.mark.parametrize("piece, value", PIECES)
