@@ -644,6 +644,8 @@ def validate_config(cfg):
         raise UsageError(f"--beta1 {cfg.beta1} and --beta2 {cfg.beta2} must be in [0, 1)")
     if cfg.weight_decay < 0:
         raise UsageError(f"--weight_decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.logit_softcap < 0:
+        raise UsageError(f"--logit_softcap must be >= 0 (0: no cap), got {cfg.logit_softcap}")
     if cfg.target_val_loss < 0:
         raise UsageError(f"--target_val_loss must be >= 0 (0: no target), got {cfg.target_val_loss}")
     if os.path.exists(cfg.log_dir) and not os.path.isdir(cfg.log_dir):
