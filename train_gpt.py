@@ -113,6 +113,9 @@ class Hyperparameters:
     bias: bool = model_flag(False, "biases in linear layers and LayerNorm")
     qk_norm: bool = model_flag(False, "RMS-normalise queries and keys")
     tie_embeddings: bool = model_flag(True, "share the token embedding with the output head")
+    tied_head_steps: int = model_flag(0, "with --tie_embeddings False: for the first N steps the token embedding is "
+                                      "the output head's table, then its own copy of it (the head untied late; 0: "
+                                      "apart throughout)")
     logit_softcap: float = model_flag(0.0, "cap * tanh(logits / cap); 0 disables")
     zero_init: bool = model_flag(False, "zero-initialise residual output projections (and an untied head)")
     mtp_steps: int = model_flag(1, "predict tokens t+1..t+N, one extra module per extra offset (1: next token only)")
@@ -631,7 +634,7 @@ def validate_config(cfg):
                          f"{cfg.n_layer}, rounded up) together with --value_embed True")
     if not 1 <= cfg.mtp_steps <= MAX_MTP_STEPS:
         raise UsageError(f"--mtp_steps must be 1 to {MAX_MTP_STEPS} (predict t+1..t+N), got {cfg.mtp_steps}")
-    for name in ("mtp_weight", "mtp_rampup_steps", "muon_momentum_warmup", "half_batch_steps"):
+    for name in ("mtp_weight", "mtp_rampup_steps", "muon_momentum_warmup", "half_batch_steps", "tied_head_steps"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must be non-negative, got {getattr(cfg, name)}")
     if cfg.val_screen_tokens < 0 or cfg.val_screen_margin < 0:
@@ -644,6 +647,9 @@ def validate_config(cfg):
         raise UsageError(f"--beta1 {cfg.beta1} and --beta2 {cfg.beta2} must be in [0, 1)")
     if cfg.weight_decay < 0:
         raise UsageError(f"--weight_decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.tied_head_steps and cfg.tie_embeddings:
+        raise UsageError(f"--tied_head_steps {cfg.tied_head_steps} unties the head late, but --tie_embeddings True "
+                         "ties it throughout: add --tie_embeddings False, or give --tied_head_steps 0")
     if cfg.logit_softcap < 0:
         raise UsageError(f"--logit_softcap must be >= 0 (0: no cap), got {cfg.logit_softcap}")
     if cfg.target_val_loss < 0:
@@ -1221,6 +1227,10 @@ class GPT(nn.Module):
         self.lm_head = with_role(nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False), "head")
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # The head untied late (--tied_head_steps): the embedding reads the head's table, and its own (a copy of
+        # the head's from untie_head() on) once this is 1. A buffer, so untying never recompiles the model; saved,
+        # so a checkpoint knows which table its embedding is.
+        self.register_buffer("embedding_untied", torch.zeros(()) if cfg.tied_head_steps else None)
         self.mtp_heads = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.mtp_steps - 1))
         # The auxiliary loss weight lives in a buffer filled in place, so its ramp never recompiles the model.
         self.register_buffer("mtp_weight", torch.zeros(()), persistent=False)
@@ -1238,8 +1248,14 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.zeros_(p) if cfg.zero_init else nn.init.normal_(p, std=residual_std)
-        if cfg.zero_init and not cfg.tie_embeddings:
+        if cfg.zero_init and not cfg.tie_embeddings and not cfg.tied_head_steps:  # a tied start embeds with it
             nn.init.zeros_(self.lm_head.weight)
+
+    @torch.no_grad()
+    def untie_head(self):
+        """The end of the tied start: the token embedding goes on from the head's table as a table of its own."""
+        self.wte.weight.copy_(self.lm_head.weight)
+        self.embedding_untied.fill_(1.0)
 
     @staticmethod
     def _init_weights(module):
@@ -1268,6 +1284,8 @@ class GPT(nn.Module):
 
     def hidden(self, idx):
         x = self.wte(idx)
+        if self.embedding_untied is not None:  # exactly one table's rows, the other's gradient exactly 0
+            x = torch.lerp(F.embedding(idx, self.lm_head.weight), x, self.embedding_untied)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(idx.size(1), device=idx.device))
         if self.smear is not None:
@@ -1927,6 +1945,9 @@ class Trainer:
                 if isinstance(opt, Muon):
                     group["momentum"] = muon_momentum_at(step, self.cfg)
         self.raw_model.mtp_weight.fill_(mtp_weight_at(step, self.cfg))
+        if step == self.cfg.tied_head_steps > 0:
+            self.raw_model.untie_head()
+            self.log(f"untie: from step {step} on the token embedding is a table of its own (--tied_head_steps)")
         self.model.train()
         accum = self.cfg.accum_steps_per_rank // (2 if step < self.cfg.half_batch_steps else 1)
         loss_sum = torch.zeros((), device=self.device)

@@ -131,6 +131,9 @@ ABLATIONS = {
     "with_value_embed": ["--value_embed", "True"],
     "with_value_gate": ["--value_embed", "True", "--value_gate", "True"],
     "with_two_value_tables": ["--value_tables", "2"],
+    # the head untied late: one table, the head's, until a third or two thirds of shakespeare_gpt2's 110 steps
+    "with_head_untied_at_37": ["--tied_head_steps", "37"],
+    "with_head_untied_at_73": ["--tied_head_steps", "73"],
     # pieces tried and not adopted: the speedrun with one of them switched on
     "with_embed_shortcut": ["--embed_shortcut", "True"],
     "with_smear": ["--smear", "True"],

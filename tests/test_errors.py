@@ -58,6 +58,8 @@ def finished_run(tmp_path_factory):
     (dict(ngram_embed=5), "--ngram_embed 5: give 2 to 4"),
     (dict(muon_momentum_warmup=-1), "--muon_momentum_warmup must be non-negative"),
     (dict(logit_softcap=-15.0), "--logit_softcap must be >= 0 (0: no cap), got -15.0"),
+    (dict(tied_head_steps=-1), "--tied_head_steps must be non-negative"),
+    (dict(tie_embeddings=True, tied_head_steps=40), "--tied_head_steps 40 unties the head late, but --tie_embeddings"),
     (dict(n_layer=4, value_embed=True, value_tables=3), "--value_tables 3: give 1 to 2 (half of --n_layer 4"),
     (dict(n_layer=4, value_tables=2), "together with --value_embed True"),
     (dict(value_embed=True, value_tables=0), "--value_tables 0: give 1 to"),

@@ -194,6 +194,48 @@ def test_unet_skips_hand_each_early_block_output_to_its_mirror_in_float64():
     torch.testing.assert_close(model.hidden(idx), x, atol=1e-12, rtol=0)
 
 
+def test_the_head_untied_late_is_the_tied_model_then_an_untied_one_in_float64():
+    """While tied: the loss and gradients of the tied model whose one table is the head's, the embedding's own table
+    getting exactly 0. After untie_head(): those of the untied model, its embedding starting as the head's copy."""
+    torch.manual_seed(0)
+    late = train_gpt.GPT(small_config(tie_embeddings=False, tied_head_steps=5, mtp_steps=2)).double()
+    tied = train_gpt.GPT(small_config(tie_embeddings=True, mtp_steps=2)).double()
+    apart = train_gpt.GPT(small_config(tie_embeddings=False, mtp_steps=2)).double()
+    for p in late.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 2, 16))
+
+    def loss_and_grads(model):
+        model.mtp_weight.fill_(0.1)
+        model.zero_grad()
+        loss = model(x, y)[0]
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    state = {k: v for k, v in late.state_dict().items() if k != "embedding_untied"}
+    tied.load_state_dict(dict(state, **{"wte.weight": state["lm_head.weight"]}))
+    (loss, grads), (tied_loss, tied_grads) = loss_and_grads(late), loss_and_grads(tied)
+    assert torch.count_nonzero(grads.pop("wte.weight")) == 0
+    grads["wte.weight"] = grads.pop("lm_head.weight")  # the one table is the head's
+    torch.testing.assert_close(loss, tied_loss, atol=1e-12, rtol=0)
+    assert grads.keys() == tied_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], tied_grads[name], atol=1e-12, rtol=0, msg=name)
+
+    late.untie_head()
+    assert torch.equal(late.wte.weight, late.lm_head.weight) and late.state_dict()["embedding_untied"] == 1
+    with torch.no_grad():
+        late.lm_head.weight.add_(torch.randn_like(late.lm_head.weight), alpha=0.05)  # the tables part ways
+    apart.load_state_dict({k: v for k, v in late.state_dict().items() if k != "embedding_untied"})
+    (loss, grads), (apart_loss, apart_grads) = loss_and_grads(late), loss_and_grads(apart)
+    torch.testing.assert_close(loss, apart_loss, atol=1e-12, rtol=0)
+    for name in apart_grads:
+        torch.testing.assert_close(grads[name], apart_grads[name], atol=1e-12, rtol=0, msg=name)
+    # zero_init leaves a head that starts tied as it is: the embedding reads it
+    head = train_gpt.GPT(small_config(tie_embeddings=False, zero_init=True, tied_head_steps=5)).lm_head.weight
+    assert torch.count_nonzero(head) == head.numel()
+
+
 # --- the head's loss, one block of the vocabulary at a time
 
 @pytest.mark.parametrize("cap", [0.0, 15.0, 0.5])
@@ -342,15 +384,20 @@ def test_mixed_precision_runs_keep_fp32_weights(tmp_path, char_data, precision):
 # --- torch.compile
 
 def test_compiled_model_matches_eager():
-    """With GQA, MTP and the optional pieces on (two value tables need four blocks)."""
+    """With GQA, MTP and the optional pieces on (two value tables need four blocks), the head tied and then
+    untied: the compiled model reads the buffer that unties it."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = train_gpt.GPT(small_config(n_kv_head=2, mtp_steps=2, n_layer=4, ngram_embed=3, smear=True,
-                                       value_embed=True, value_gate=True, value_tables=2, unet_skips=True))
+                                       value_embed=True, value_gate=True, value_tables=2, unet_skips=True,
+                                       tie_embeddings=False, tied_head_steps=3))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 2, 16))
     model.mtp_weight.fill_(0.1)
-    eager = model(x, y)[0]
-    compiled = torch.compile(model)(x, y)[0]
-    assert abs(eager.item() - compiled.item()) < 1e-4
+    compiled, losses = torch.compile(model), []
+    for untied in (0.0, 1.0):
+        model.embedding_untied.fill_(untied)
+        losses.append(model(x, y)[0].item())
+        assert abs(losses[-1] - compiled(x, y)[0].item()) < 1e-4, untied
+    assert losses[0] != losses[1]  # the two tables differ, so the buffer decides the loss

@@ -120,11 +120,12 @@ def test_readme_check_commands_run_as_written(workdir, prefix):
 def test_three_processes_match_one_process(workdir):
     """With the optional model pieces on, which must work under torchrun like the rest."""
     pieces = ["--ngram_embed", "4", "--embed_shortcut", "True", "--smear", "True", "--value_embed", "True",
-              "--value_gate", "True", "--value_tables", "2", "--unet_skips", "True", "--muon_momentum_warmup", "3"]
+              "--value_gate", "True", "--value_tables", "2", "--unet_skips", "True", "--muon_momentum_warmup", "3",
+              "--tied_head_steps", "3"]
     command = ["torchrun", "--standalone", "--nproc_per_node=3", "train_gpt.py", "--preset", "shakespeare_char",
                "--device", "cpu", *SHORT, *pieces, "--log_dir", str(workdir / "three")]
     out = finish(run(command, workdir))
-    assert "3 process(es) x 1 micro-batch(es) x 16 sequences" in out
+    assert "3 process(es) x 1 micro-batch(es) x 16 sequences" in out and "untie: from step 3 on" in out
     assert_same_losses(single_process(workdir, *pieces), read_metrics(str(workdir / "three")))
 
 
