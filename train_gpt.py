@@ -220,10 +220,10 @@ GPT2_124M = dict(
     max_iters=5000, eval_interval=125, log_interval=10, val_tokens=10_485_760, target_val_loss=3.28,
     precision="bf16", max_data_passes=1,
     # the NanoGPT speedrun's Muon-era GPT-2 small record on FineWeb, at the same 524,288-token batch, with its
-    # Adam beta1 of 0.8 and the gated value embedding (both measured at shakespeare_gpt2's scale only:
-    # records/shakespeare_gpt2/README.md)
+    # Adam beta1 of 0.8, the gated value embedding and the head untied after a third of the steps (each measured
+    # at shakespeare_gpt2's scale only: records/shakespeare_gpt2/README.md)
     recipes={"speedrun": dict(muon_lr=0.04, embed_lr=0.6, head_lr=0.008, learning_rate=0.04, beta1=0.8,
-                              value_embed=True, value_gate=True)})
+                              value_embed=True, value_gate=True, tied_head_steps=1667)})
 PRESETS = {
     # nanoGPT's character-level Shakespeare CPU configuration; the speedrun's settings are the CPU track's
     "shakespeare_char": dict(
@@ -244,10 +244,11 @@ PRESETS = {
         input_bin="data/shakespeare_gpt2/train_*.bin", input_val_bin="data/shakespeare_gpt2/val_*.bin",
         n_layer=4, n_head=4, n_embd=192, block_size=128, batch_size=16, grad_accum_steps=1, compile=True,
         max_iters=500, dropout=0.0, eval_interval=50, log_interval=10, val_tokens=65_536, target_val_loss=5.20,
-        # the speedrun: gpt2_124m's (its rates and the gated value embedding), the batch as two micro-batches of
-        # which the first 40 steps take one (measured at this scale only: records/shakespeare_gpt2/README.md)
+        # the speedrun: gpt2_124m's (its rates, the gated value embedding, the head untied after a third of the
+        # steps), the batch as two micro-batches of which the first 40 steps take one (measured at this scale
+        # only: records/shakespeare_gpt2/README.md)
         recipes={"speedrun": dict(GPT2_124M["recipes"]["speedrun"], max_iters=110, eval_interval=10, batch_size=8,
-                                  grad_accum_steps=2, half_batch_steps=40)}),
+                                  grad_accum_steps=2, half_batch_steps=40, tied_head_steps=37)}),
     # GPT-2 small on FineWeb10B: the NanoGPT speedrun's track 1
     "gpt2_124m": GPT2_124M,
     # the same model on one GPU: smaller micro-batches, the first 1,048,576 val tokens

@@ -125,20 +125,19 @@ ABLATIONS = {
     "no_value_embed": ["--value_embed", "False", "--value_gate", "False"],
     "no_value_gate": ["--value_gate", "False"],
     "no_half_batch": ["--half_batch_steps", "0"],
+    "no_head_untied_late": ["--tied_head_steps", "0"],
     # pieces off in a speedrun's settings, switched on
     "with_bigram_embed": ["--ngram_embed", "2"],
     "with_ngram_embed": ["--ngram_embed", "4"],
     "with_value_embed": ["--value_embed", "True"],
     "with_value_gate": ["--value_embed", "True", "--value_gate", "True"],
     "with_two_value_tables": ["--value_tables", "2"],
-    # the head untied late: one table, the head's, until a third or two thirds of shakespeare_gpt2's 110 steps
-    "with_head_untied_at_37": ["--tied_head_steps", "37"],
-    "with_head_untied_at_73": ["--tied_head_steps", "73"],
     # pieces tried and not adopted: the speedrun with one of them switched on
     "with_embed_shortcut": ["--embed_shortcut", "True"],
     "with_smear": ["--smear", "True"],
     "with_unet_skips": ["--unet_skips", "True"],
     "with_muon_momentum_warmup": ["--muon_momentum_warmup", "20"],
+    "with_head_untied_at_73": ["--tied_head_steps", "73"],  # two thirds of shakespeare_gpt2's 110 steps
     "adam_beta1_0.6": ["--beta1", "0.6"],
     "adam_beta1_0.9": ["--beta1", "0.9"],
 }
