@@ -116,7 +116,7 @@ ABLATIONS = {
     "no_qk_norm": ["--qk_norm", "False"],
     "gelu_mlp": ["--mlp", "gelu"],
     "no_zero_init": ["--zero_init", "False"],
-    "tied_embeddings": ["--tie_embeddings", "True"],
+    "tied_embeddings": ["--tie_embeddings", "True", "--tied_head_steps", "0"],
     "no_softcap": ["--logit_softcap", "0"],
     "adamw": ["--optimizer", "adamw"],
     "cosine_schedule": ["--schedule", "cosine"],
