@@ -63,9 +63,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, char_data, nproc):
     """SIGKILL part-way (one process, or one of two torchrun ranks), resume, and compare bitwise with a run that
     was never interrupted. CPU kernels are deterministic for a fixed thread count, so bitwise equality holds."""
     logs = str(tmp_path / "logs")
+    # the head unties at step 30, before the kill: the checkpoint must say which table the embedding is
     common = dict(max_iters=200, eval_interval=50, log_interval=50, save_every=20, grad_accum_steps=2,
-                  dropout=0.1, timing_warmup_steps=1, tied_head_steps=30)  # untied before the kill: the checkpoint
-    # must say which table the embedding is
+                  dropout=0.1, timing_warmup_steps=1, tied_head_steps=30)
     reference = launch(tiny_args(char_data, logs, run_id="straight", **common), nproc)
     assert reference.wait(timeout=300) == 0, reference.stdout.read()[-3000:]
 
